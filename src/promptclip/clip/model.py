@@ -153,11 +153,12 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
-            )
-        )
+        layers = [
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]
+        self.mlp = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), causal)
@@ -309,7 +310,7 @@ class AttentionPool2d(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # [B, HW, C]
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
         tokens = tokens + self.positional_embedding.to(tokens.dtype)
-        batch, length, width = tokens.shape
+        batch, _, width = tokens.shape
         head_dim = width // self.heads
 
         def split(t: torch.Tensor) -> torch.Tensor:
