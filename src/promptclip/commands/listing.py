@@ -26,7 +26,9 @@ def run_list(args: argparse.Namespace) -> int:
         print(describe_archs())
         return 0
     for module_name in _REGISTRY_MODULES[args.what]:
-        importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
+        if hasattr(module, "load_all"):
+            module.load_all()
     from promptclip import registry
 
     table = {

@@ -1,0 +1,274 @@
+"""The learner contract shared by every prompt method and plug-in.
+
+A learner wraps the frozen CLIP and a set of class names. The engine only ever calls this contract:
+
+* `text_features()` -> [C, D] normalised class features (cached while the learner is in eval mode);
+* `encode_classnames(names)` -> the learned prompts applied to any other names;
+* `image_features(images)` -> [B, D] normalised, with the learner's visual prompts if it has any;
+* `forward(batch)` -> `LearnerOutput(logits, image_features, text_features)`;
+* `loss(batch, output)` -> named, already weighted loss terms (the engine sums them);
+* `set_classnames(names)`; `trainable_state()` / `load_trainable_state()`; `on_epoch_end(epoch, epochs)`.
+
+Checkpoints hold only the trainable tensors (safetensors) plus a JSON config that names the backbone and the
+sha256 of its weights, so a prompt saved for one CLIP refuses to load onto another.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from promptclip.clip.model import CLIP
+from promptclip.config import from_dict, to_dict
+from promptclip.io import atomic_write_json, atomic_write_with
+
+Batch = Mapping[str, Any]
+
+CONFIG_FILE = "prompt_config.json"
+WEIGHTS_FILE = "prompt.safetensors"
+
+
+@dataclass
+class LearnerOutput:
+    logits: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+
+
+class PromptModel(nn.Module):
+    """Base class of every learner. Subclasses set `name` and `Config` and implement
+    `compute_text_features`, and usually `image_features` and `encode_classnames`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    # True when `image_features` depends on trainable tensors (visual prompts): evaluation may not cache it.
+    has_visual_prompts: ClassVar[bool] = False
+
+    def __init__(self, clip: CLIP, classnames: Sequence[str], cfg: Any, template: str = "a photo of a {}.") -> None:
+        super().__init__()
+        clip.requires_grad_(False)
+        clip.eval()
+        self.clip = clip
+        self.cfg = cfg
+        self.template = template
+        self.classnames: list[str] = [_clean_classname(n) for n in classnames]
+        self._text_cache: torch.Tensor | None = None
+
+    # -- the contract ------------------------------------------------------------------------------------
+    def compute_text_features(self) -> torch.Tensor:
+        """[C, D] normalised features of `self.classnames` through the learned prompts."""
+        return self.encode_classnames(self.classnames)
+
+    def encode_classnames(self, names: Sequence[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self) -> torch.Tensor:
+        """Class features; computed once and reused while in eval mode (the prompts cannot change)."""
+        if self.training or torch.is_grad_enabled():
+            return self.compute_text_features()
+        if self._text_cache is None:
+            self._text_cache = self.compute_text_features()
+        return self._text_cache
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(images).float(), dim=-1)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp().float()
+
+    def forward(self, batch: Batch) -> LearnerOutput:
+        image = self.image_features(batch["image"])
+        text = self.text_features()
+        return LearnerOutput(self.logit_scale * image @ text.t(), image, text)
+
+    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(output.logits, batch["label"])}
+
+    def set_classnames(self, names: Sequence[str]) -> None:
+        """Switch the class set (base -> new evaluation). Only class-dependent, non-persistent buffers are
+        rebuilt; learned tensors are untouched."""
+        self.classnames = [_clean_classname(n) for n in names]
+        self.invalidate_cache()
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called by the engine after the last step of each epoch (0-based `epoch`)."""
+
+    def invalidate_cache(self) -> None:
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> PromptModel:
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone never switches to training behaviour (BatchNorm)
+        self.invalidate_cache()
+        return self
+
+    # -- trainable state -----------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def extra_state_buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers that training changes and a checkpoint must keep (e.g. BatchNorm statistics)."""
+        return {}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {name: p.detach() for name, p in self.trainable_parameters().items()}
+        state.update({name: b.detach() for name, b in self.extra_state_buffers().items()})
+        return state
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+        own = self.trainable_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: prompt tensors do not match this {self.name} learner "
+                f"(missing: {missing[:5]}, unexpected: {unexpected[:5]}); was it saved by another method "
+                "or configuration?"
+            )
+        for key, tensor in own.items():
+            if tuple(state[key].shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, this learner expects "
+                    f"{tuple(tensor.shape)} (another backbone, class count or prompt length?)"
+                )
+        with torch.no_grad():
+            for key, tensor in own.items():
+                tensor.copy_(state[key].to(tensor.device, tensor.dtype))
+        self.invalidate_cache()
+
+    def num_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters().values())
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> str:
+        trainable, total = self.num_parameters()
+        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        print(line)
+        return line
+
+    # -- saving and loading -------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.trainable_state().items()}
+        atomic_write_with(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+        atomic_write_json(
+            directory / CONFIG_FILE,
+            {
+                "method": self.name,
+                "method_cfg": to_dict(self.cfg),
+                "template": self.template,
+                "classnames": self.classnames,
+                "backbone": {
+                    "arch": self.clip.config.name,
+                    "config": self.clip.config.to_dict(),
+                    "weights_sha256": self.clip.weights_sha256,
+                },
+            },
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        clip: CLIP,
+        directory: str | Path,
+        classnames: Sequence[str] | None = None,
+        strict_backbone: bool = True,
+    ) -> PromptModel:
+        """Load a saved prompt onto `clip`. A prompt saved for another backbone is refused."""
+        directory = Path(directory)
+        meta = read_prompt_config(directory)
+        check_backbone(meta, clip, directory, strict=strict_backbone)
+        method_cls = get_method(meta["method"])
+        if cls is not PromptModel and not issubclass(method_cls, cls):
+            raise ValueError(f"{directory}: holds a {meta['method']} prompt, not a {cls.name} one")
+        cfg = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
+        names = list(classnames) if classnames is not None else meta["classnames"]
+        learner = method_cls(clip, names, cfg, template=meta.get("template", "a photo of a {}."))
+        learner.load_trainable_state(load_file(str(directory / WEIGHTS_FILE)), source=str(directory))
+        return learner
+
+
+def _clean_classname(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def read_prompt_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory}: not a saved prompt (expected {CONFIG_FILE} and {WEIGHTS_FILE}; "
+            "save one with learner.save_pretrained(dir) or a training run's prompt/ folder)"
+        )
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: corrupt prompt config ({err}); re-save the prompt") from None
+
+
+def check_backbone(meta: Mapping[str, Any], clip: CLIP, directory: Path, strict: bool = True) -> None:
+    saved = meta.get("backbone", {})
+    if saved.get("config") and saved["config"] != clip.config.to_dict():
+        saved_arch = saved.get("arch")
+        raise ValueError(
+            f"{directory}: prompt was trained on backbone {saved_arch!r}, "
+            f"not on the loaded {clip.config.name!r}; load the matching CLIP"
+        )
+    saved_sha = saved.get("weights_sha256")
+    if strict and saved_sha and clip.weights_sha256 and saved_sha != clip.weights_sha256:
+        raise ValueError(
+            f"{directory}: prompt was trained on CLIP weights with sha256 {saved_sha[:12]}..., the loaded "
+            f"weights have {clip.weights_sha256[:12]}...; load the same weights file "
+            "(or pass strict_backbone=False to evaluate it anyway)"
+        )
+
+
+def get_method(name: str) -> type[PromptModel]:
+    from promptclip.methods import load_all
+    from promptclip.registry import METHODS
+
+    load_all()
+    return METHODS.get(name)
+
+
+def get_prompt_model(
+    clip: CLIP,
+    method_cfg: Any,
+    classnames: Sequence[str],
+    template: str = "a photo of a {}.",
+    method: str | None = None,
+) -> PromptModel:
+    """Build a learner: `method_cfg` is a method's Config instance (its class knows the method), or a
+    mapping with a `method` key and that method's fields."""
+    if isinstance(method_cfg, Mapping):
+        data = dict(method_cfg)
+        method = method or data.pop("method", None)
+        if method is None:
+            raise ValueError("method_cfg mapping needs a 'method' key (e.g. {'method': 'coop', 'n_ctx': 4})")
+        method_cls = get_method(method)
+        method_cfg = from_dict(method_cls.Config, data, where="method_cfg")
+    else:
+        method_cls = _method_for_config(method_cfg) if method is None else get_method(method)
+    return method_cls(clip, classnames, method_cfg, template=template)
+
+
+def _method_for_config(cfg: Any) -> type[PromptModel]:
+    from promptclip.methods import load_all
+    from promptclip.registry import METHODS
+
+    load_all()
+    for _, method_cls in METHODS.items():
+        if type(cfg) is method_cls.Config:
+            return method_cls
+    raise ValueError(f"{type(cfg).__name__} is not the config of any registered method")
