@@ -172,9 +172,7 @@ def replace_prompt_slots(tokens: torch.Tensor, start: int, prompts: torch.Tensor
         prompts = prompts.unsqueeze(0).expand(tokens.shape[0], -1, -1)
     count = prompts.shape[1]
     if start < 0 or start + count > tokens.shape[1]:
-        raise ValueError(
-            f"prompt slots {start}:{start + count} do not fit a sequence of {tokens.shape[1]} tokens"
-        )
+        raise ValueError(f"prompt slots {start}:{start + count} do not fit a sequence of {tokens.shape[1]} tokens")
     return torch.cat([tokens[:, :start], prompts.to(tokens.dtype), tokens[:, start + count :]], dim=1)
 
 
@@ -297,9 +295,7 @@ class AttentionPool2d(nn.Module):
 
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
         super().__init__()
-        self.positional_embedding = nn.Parameter(
-            torch.randn(spatial_dim * spatial_dim + 1, embed_dim) / embed_dim**0.5
-        )
+        self.positional_embedding = nn.Parameter(torch.randn(spatial_dim * spatial_dim + 1, embed_dim) / embed_dim**0.5)
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)

@@ -1,0 +1,43 @@
+"""The registered datasets. Importing this package registers every dataset in `promptclip.registry.DATASETS`.
+
+Entry points: `build_dataset(name, root, **options)` -> `DatasetSplits`; `Datum`; `DatasetError`.
+"""
+
+from promptclip.data.datasets import (  # noqa: F401  (imported for their registrations)
+    actions,
+    custom,
+    fine_grained,
+    imagenet,
+    objects,
+    satellite,
+    scenes,
+    synthetic_world,
+    textures,
+)
+from promptclip.data.datasets.base import (
+    SPLIT_NAMES,
+    DatasetBuilder,
+    DatasetError,
+    DatasetSplits,
+    Datum,
+    ExpectedLayout,
+    build_dataset,
+    builder_options,
+    make_builder,
+    read_split_file,
+    write_split_file,
+)
+
+__all__ = [
+    "SPLIT_NAMES",
+    "DatasetBuilder",
+    "DatasetError",
+    "DatasetSplits",
+    "Datum",
+    "ExpectedLayout",
+    "build_dataset",
+    "builder_options",
+    "make_builder",
+    "read_split_file",
+    "write_split_file",
+]
