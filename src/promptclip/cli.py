@@ -13,8 +13,13 @@ from collections.abc import Sequence
 
 # Modules that contribute sub-commands; each defines add_commands(subparsers).
 COMMAND_MODULES = (
+    "promptclip.commands.train",
+    "promptclip.commands.evaluate",
+    "promptclip.commands.run",
+    "promptclip.commands.predict",
     "promptclip.commands.listing",
     "promptclip.data.commands",
+    "promptclip.commands.report",
 )
 
 
