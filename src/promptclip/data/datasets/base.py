@@ -1,0 +1,564 @@
+"""The dataset abstraction shared by every dataset: `Datum`, `DatasetSplits` and the builder base class.
+
+A dataset is read into a `DatasetSplits`: three lists of `Datum` (train, val, test) whose paths are relative to
+the dataset folder, the class names that go into prompts, the dataset's prompt template, and the sources that
+turn a `Datum` into pixels (files on disk, or the renderer for synthetic data) and, optionally, into a mask.
+
+Builders (one class per dataset, registered in `promptclip.registry.DATASETS`) know the folder layout of one
+dataset. `build_dataset(name, root, **options)` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar, Literal, Protocol
+
+from PIL import Image
+
+from promptclip.registry import DATASETS
+
+SplitName = Literal["train", "val", "test"]
+SPLIT_NAMES: tuple[SplitName, ...] = ("train", "val", "test")
+
+# Where the field's split files are published (CoOp's DATASETS.md links each `split_zhou_*.json`).
+SPLIT_FILES_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be read as laid out; the message names the file, the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One labelled image.
+
+    `path` is POSIX and relative to the dataset folder (`DatasetSplits.root`), or a virtual id for data that
+    has no files (synthetic datasets). `classname` is the name as the dataset's split file spells it.
+    """
+
+    path: str
+    label: int
+    classname: str
+    domain: int = 0
+
+
+@dataclass(frozen=True)
+class ExpectedLayout:
+    """What a complete copy of a dataset holds, for `promptclip data check`."""
+
+    num_classes: int | None = None
+    sizes: dict[str, int] | None = None
+
+
+class ImageReader(Protocol):
+    def load_image(self, datum: Datum) -> Image.Image: ...
+
+
+class MaskSource(Protocol):
+    """Anything that maps a `Datum` to a binary mask image (mode "L", 0 = background, 255 = foreground)."""
+
+    description: str
+
+    def load(self, datum: Datum) -> Image.Image | None: ...
+
+    def missing(self, data: Sequence[Datum]) -> list[Datum]: ...
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image file fully and return it in RGB (palette, grey and alpha images included)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode == "RGB":
+            return image.copy()
+        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+            return image.convert("RGBA").convert("RGB")
+        return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class FileImageReader:
+    """Reads `root / datum.path` from disk."""
+
+    root: Path
+
+    def load_image(self, datum: Datum) -> Image.Image:
+        return open_rgb(resolve_inside(self.root, datum.path))
+
+
+def path_escapes_root(relative: str) -> bool:
+    """True when a dataset-relative path is absolute or climbs above the dataset folder."""
+    if not relative:
+        return True
+    pure = PurePosixPath(relative.replace("\\", "/"))
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", relative):
+        return True
+    depth = 0
+    for part in pure.parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """`root / relative`, refusing paths that leave `root` (a split file must not point outside the data)."""
+    if path_escapes_root(relative):
+        raise DatasetError(
+            f"image path {relative!r} leaves the dataset folder {root}; split files must hold paths relative "
+            "to the dataset folder. Fix the entry (run `promptclip data check` to list all of them)."
+        )
+    return root / relative
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset read into train/val/test lists, with what is needed to load and prompt it.
+
+    `classnames[i]` is the prompt-ready name of label `i` (underscores turned into spaces, as the field's
+    trainers do). `image_dir` is the folder below `root` that holds the images: mask rules mirror image paths
+    below it.
+    """
+
+    name: str
+    root: Path | None
+    classnames: list[str]
+    template: str
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    image_dir: str = ""
+    reader: ImageReader | None = None
+    masks: MaskSource | None = None
+    expected: ExpectedLayout = field(default_factory=ExpectedLayout)
+    official_mask_layout: str = "mirror"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def split(self, which: SplitName) -> list[Datum]:
+        if which not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {which!r}; expected one of {', '.join(SPLIT_NAMES)}")
+        return getattr(self, which)
+
+    def sizes(self) -> dict[str, int]:
+        return {name: len(self.split(name)) for name in SPLIT_NAMES}
+
+    def replace(self, **changes: Any) -> DatasetSplits:
+        """A copy with some fields changed (the `info` dict is copied, never shared)."""
+        changes.setdefault("info", dict(self.info))
+        return dataclasses.replace(self, **changes)
+
+    def image_path(self, datum: Datum) -> Path:
+        if self.root is None:
+            raise DatasetError(f"dataset {self.name!r} has no folder on disk; {datum.path!r} is a virtual id")
+        return resolve_inside(self.root, datum.path)
+
+    def load_image(self, datum: Datum) -> Image.Image:
+        """The RGB image of `datum`."""
+        if self.reader is not None:
+            return self.reader.load_image(datum)
+        return open_rgb(self.image_path(datum))
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def load_mask(self, datum: Datum) -> Image.Image | None:
+        """The binary mask of `datum` (mode "L", 0/255), or None without a mask source or with fallback "full"."""
+        return None if self.masks is None else self.masks.load(datum)
+
+    def prompts(self) -> list[str]:
+        """The hand-crafted prompt of every class (the template filled with each class name)."""
+        return [self.template.format(name) for name in self.classnames]
+
+
+def prompt_name(raw: str) -> str:
+    """The name that goes into a prompt: the field replaces underscores with spaces."""
+    return raw.replace("_", " ")
+
+
+def classnames_from_data(data: Iterable[Datum], num_classes: int | None = None) -> list[str]:
+    """Label -> raw class name, checked for consistency; labels must be 0..n-1 without gaps."""
+    names: dict[int, str] = {}
+    for datum in data:
+        known = names.setdefault(datum.label, datum.classname)
+        if known != datum.classname:
+            raise DatasetError(
+                f"label {datum.label} has two class names, {known!r} and {datum.classname!r} "
+                f"(e.g. at {datum.path!r}); each label needs exactly one name in the split file"
+            )
+    count = num_classes if num_classes is not None else (max(names) + 1 if names else 0)
+    absent = [label for label in range(count) if label not in names]
+    if absent or any(label < 0 or label >= count for label in names):
+        raise DatasetError(
+            f"labels must run 0..{count - 1} without gaps; missing labels {absent[:10]}"
+            + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
+        )
+    return [names[label] for label in range(count)]
+
+
+def read_split_file(path: Path, image_dir: str) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """Read a field split file: `{"train"|"val"|"test": [[path below image_dir, label, classname], ...]}`."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{path} is not valid JSON ({err}); download the file again from {SPLIT_FILES_URL}"
+        ) from None
+    if not isinstance(content, dict):
+        raise DatasetError(f"{path}: expected an object with keys train/val/test, got {type(content).__name__}")
+    splits = []
+    for name in SPLIT_NAMES:
+        rows = content.get(name)
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: key {name!r} is missing or not a list of [path, label, classname]")
+        splits.append([_split_row_to_datum(path, name, i, row, image_dir) for i, row in enumerate(rows)])
+    return splits[0], splits[1], splits[2]
+
+
+def _split_row_to_datum(path: Path, split: str, index: int, row: Any, image_dir: str) -> Datum:
+    if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and isinstance(row[2], str)):
+        raise DatasetError(f"{path}: {split}[{index}] = {row!r} is not [relative path, label, classname]")
+    try:
+        label = int(row[1])
+    except (TypeError, ValueError):
+        raise DatasetError(f"{path}: {split}[{index}] has label {row[1]!r}, which is not an integer") from None
+    # An absolute path is kept as written, so that `data check` can report it instead of hiding it.
+    absolute = row[0].startswith("/") or re.match(r"^[A-Za-z]:", row[0])
+    return Datum(row[0] if absolute else join_posix(image_dir, row[0]), label, row[2])
+
+
+def write_split_file(path: Path, splits: DatasetSplits) -> None:
+    """Write `splits` in the field's split-file format (paths below `image_dir`), atomically."""
+    prefix = splits.image_dir.rstrip("/") + "/" if splits.image_dir else ""
+
+    def rows(data: list[Datum]) -> list[list[Any]]:
+        return [[d.path[len(prefix) :] if d.path.startswith(prefix) else d.path, d.label, d.classname] for d in data]
+
+    payload = {name: rows(splits.split(name)) for name in SPLIT_NAMES}
+    write_text_atomic(path, json.dumps(payload))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file in the same folder, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def join_posix(*parts: str) -> str:
+    return "/".join(part.strip("/") for part in parts if part and part.strip("/"))
+
+
+def list_visible(folder: Path) -> list[str]:
+    """Sorted entry names of a folder, hidden entries (dot files) left out, as the field lists folders."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
+def scan_class_folders(
+    dataset_dir: Path,
+    image_dir: str,
+    ignored: Iterable[str] = (),
+    renames: dict[str, str] | None = None,
+) -> tuple[list[Datum], list[str]]:
+    """Every image of a folder-per-class tree, labelled by the sorted folder names (the field's rule).
+
+    `ignored` folders are left out before labelling; `renames` maps a folder name to its class name.
+    """
+    top = dataset_dir / image_dir if image_dir else dataset_dir
+    skip = set(ignored)
+    folders = [name for name in list_visible(top) if name not in skip and (top / name).is_dir()]
+    renames = renames or {}
+    data: list[Datum] = []
+    for label, folder in enumerate(folders):
+        classname = renames.get(folder, folder)
+        for name in list_visible(top / folder):
+            if is_image_name(name):
+                data.append(Datum(join_posix(image_dir, folder, name), label, classname))
+    return data, [renames.get(folder, folder) for folder in folders]
+
+
+def read_text_lines(path: Path, fix: str) -> list[str]:
+    """The stripped, non-empty lines of a text file of the dataset; a missing file is a `DatasetError`."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; {fix}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_mat(path: Path, fix: str) -> dict[str, Any]:
+    """Read a MATLAB .mat file (needs scipy, used only to build a split from raw annotation files)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; {fix}")
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DatasetError(
+            f"reading {path} needs scipy (`pip install scipy`); or download the dataset's split file"
+        ) from None
+    return loadmat(str(path))
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def split_per_class(
+    data: Sequence[Datum],
+    fractions: tuple[float, float, float],
+    rng: random.Random,
+) -> tuple[list[Datum], list[Datum], list[Datum]]:
+    """Shuffle each class (in order of first appearance) and cut it into train/val/test by `fractions`.
+
+    Rounding follows the field (`round(n * p)` for train and val, the rest to test); tiny classes keep one
+    image for training first, then one for test, then one for val.
+    """
+    by_label: dict[int, list[Datum]] = {}
+    for datum in data:
+        by_label.setdefault(datum.label, []).append(datum)
+    train: list[Datum] = []
+    val: list[Datum] = []
+    test: list[Datum] = []
+    for items in by_label.values():
+        items = list(items)
+        rng.shuffle(items)
+        n_train, n_val = _split_counts(len(items), fractions)
+        train += items[:n_train]
+        val += items[n_train : n_train + n_val]
+        test += items[n_train + n_val :]
+    return train, val, test
+
+
+def _split_counts(total: int, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    p_train, p_val, p_test = fractions
+    n_train = min(total, max(1, round(total * p_train)))
+    n_val = min(total - n_train, round(total * p_val))
+    if p_test > 0 and total - n_train - n_val == 0 and n_val > 0 and total >= 3:
+        n_val -= 1  # keep one image for test before keeping one for val
+    if p_test > 0 and total == 2:
+        n_train, n_val = 1, 0
+    return n_train, n_val
+
+
+def split_trainval(
+    trainval: Sequence[Datum], val_fraction: float, rng: random.Random
+) -> tuple[list[Datum], list[Datum]]:
+    """The field's train/val division of an official trainval list.
+
+    Per label, in order of first appearance: shuffle, the first round(n * p) go to val, the rest to train.
+    """
+    by_label: dict[int, list[Datum]] = {}
+    for datum in trainval:
+        by_label.setdefault(datum.label, []).append(datum)
+    train: list[Datum] = []
+    val: list[Datum] = []
+    for items in by_label.values():
+        items = list(items)
+        rng.shuffle(items)
+        n_val = round(len(items) * val_fraction)
+        val += items[:n_val]
+        train += items[n_val:]
+    return train, val
+
+
+@dataclass(frozen=True)
+class RequiredFile:
+    """A file or folder a dataset needs, with the fix to give when it is absent."""
+
+    relative: str
+    what: str
+    fix: str
+    is_dir: bool = False
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """What a builder's reader returns before the common finishing steps."""
+
+    train: list[Datum]
+    val: list[Datum]
+    test: list[Datum]
+    classnames: list[str] | None = None  # raw names; derived from the data when None
+    source: str = ""  # where the split came from, recorded in `DatasetSplits.info`
+
+
+class DatasetBuilder:
+    """Base class of the registered datasets (a subclass reads one folder layout).
+
+    Subclasses set the class attributes and implement `read`; options are keyword arguments of `__init__`
+    (given as `build_dataset(name, root, key=value)` or `--set key=value` on the command line).
+    """
+
+    name: ClassVar[str] = ""
+    dataset_dir: ClassVar[str] = ""  # folder under the data root (CoOp's DATA layout)
+    image_dir: ClassVar[str] = ""  # folder under the dataset folder that holds the images
+    template: ClassVar[str] = "a photo of a {}."
+    expected: ClassVar[ExpectedLayout] = ExpectedLayout()
+    official_mask_layout: ClassVar[str] = "mirror"  # how the DAPT code finds masks: mirror | last2 | basename
+    needs_root: ClassVar[bool] = True
+
+    def read(self, dataset_dir: Path) -> RawSplits:
+        raise NotImplementedError
+
+    def prompt_template(self) -> str:
+        return self.template
+
+    def required_files(self) -> list[RequiredFile]:
+        """Files and folders below the dataset folder that must exist (checked before reading)."""
+        if not self.image_dir:
+            return []
+        return [RequiredFile(self.image_dir, "image folder", self._unpack_fix(), is_dir=True)]
+
+    def _unpack_fix(self) -> str:
+        return f"unpack the images so that they sit in <root>/{join_posix(self.dataset_dir, self.image_dir)}/"
+
+    def locate(self, root: str | Path | None) -> Path:
+        """The dataset folder: `root/<dataset_dir>` (CoOp's DATA layout), or `root` itself if it is that folder."""
+        if root is None:
+            raise DatasetError(f"dataset {self.name!r} needs --root, the folder that holds {self.dataset_dir}/")
+        base = Path(root).expanduser()
+        candidate = base / self.dataset_dir if self.dataset_dir else base
+        if candidate.is_dir():
+            return candidate
+        if self.dataset_dir and base.is_dir() and self._looks_like_dataset_dir(base):
+            return base
+        if not base.is_dir():
+            raise DatasetError(f"data root {base} does not exist; pass the folder that holds {self.dataset_dir}/")
+        raise DatasetError(
+            f"dataset folder {candidate} not found; the {self.name} dataset lives in <root>/{self.dataset_dir}/ "
+            "(see docs/datasets.md for the layout)"
+        )
+
+    def _looks_like_dataset_dir(self, folder: Path) -> bool:
+        if folder.name == self.dataset_dir:
+            return True
+        markers = [item.relative for item in self.required_files()]
+        return bool(markers) and all((folder / marker).exists() for marker in markers)
+
+    def build(self, root: str | Path | None) -> DatasetSplits:
+        dataset_dir = self.locate(root)
+        raw = self.read(dataset_dir)
+        return self.finish(dataset_dir, raw)
+
+    def finish(self, dataset_dir: Path | None, raw: RawSplits) -> DatasetSplits:
+        everything = [*raw.train, *raw.val, *raw.test]
+        names = raw.classnames if raw.classnames is not None else classnames_from_data(everything)
+        _check_labels(everything, len(names), self.name)
+        return DatasetSplits(
+            name=self.name,
+            root=dataset_dir,
+            classnames=[prompt_name(name) for name in names],
+            template=self.prompt_template(),
+            train=raw.train,
+            val=raw.val,
+            test=raw.test,
+            image_dir=self.image_dir,
+            expected=self.expected,
+            official_mask_layout=self.official_mask_layout,
+            info={"split_source": raw.source},
+        )
+
+
+def _check_labels(data: Iterable[Datum], num_classes: int, name: str) -> None:
+    for datum in data:
+        if not 0 <= datum.label < num_classes:
+            raise DatasetError(
+                f"{name}: {datum.path!r} has label {datum.label}, outside 0..{num_classes - 1}; "
+                "fix the split file's label column"
+            )
+
+
+class SplitFileDataset(DatasetBuilder):
+    """A dataset read from the field's `split_zhou_<Name>.json`, or split from its raw layout on request.
+
+    Options: `make_split` (build a seeded split from the raw layout when the split file is absent; the result
+    differs from the field's published split, so published numbers are not comparable), `split_seed`.
+    """
+
+    split_file: ClassVar[str] = ""
+
+    def __init__(self, *, make_split: bool = False, split_seed: int = 1) -> None:
+        self.make_split = bool(make_split)
+        self.split_seed = int(split_seed)
+
+    def required_files(self) -> list[RequiredFile]:
+        files = super().required_files()
+        if not self.make_split:
+            files.append(RequiredFile(self.split_file, "split file", self._split_fix()))
+        return files
+
+    def _split_fix(self) -> str:
+        return (
+            f"download {self.split_file} (links in {SPLIT_FILES_URL}) into <root>/{self.dataset_dir}/, "
+            "or add `--set make_split=true` to split the raw layout with a seed (not the published split)"
+        )
+
+    def read(self, dataset_dir: Path) -> RawSplits:
+        split_path = dataset_dir / self.split_file
+        if split_path.is_file():
+            train, val, test = read_split_file(split_path, self.image_dir)
+            return RawSplits(train, val, test, source=self.split_file)
+        if not self.make_split:
+            raise DatasetError(f"split file {split_path} is missing; {self._split_fix()}")
+        try:
+            return self.read_raw(dataset_dir, random.Random(self.split_seed))
+        except DatasetError:
+            raise
+        except (ValueError, IndexError, KeyError) as err:
+            raise DatasetError(
+                f"{self.name}: the raw annotation files in {dataset_dir} cannot be parsed ({err!r}); "
+                f"check them against docs/datasets.md, or download {self.split_file} instead"
+            ) from None
+
+    def read_raw(self, dataset_dir: Path, rng: random.Random) -> RawSplits:
+        """Split the raw layout the way the field built its split file (per-dataset rules and name cleaning)."""
+        raise NotImplementedError
+
+
+def builder_options(builder: type[DatasetBuilder]) -> dict[str, Any]:
+    """The options a dataset accepts, with their defaults."""
+    signature = inspect.signature(builder.__init__)
+    return {
+        name: param.default
+        for name, param in signature.parameters.items()
+        if name != "self" and param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+def make_builder(name: str, **options: Any) -> DatasetBuilder:
+    """Instantiate the registered builder `name` with its options, naming the valid ones on a mistake."""
+    try:
+        builder_class: type[DatasetBuilder] = DATASETS.get(name)
+    except KeyError as err:
+        raise DatasetError(str(err.args[0])) from None
+    known = builder_options(builder_class)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(f"{key} (default {value!r})" for key, value in known.items()) or "none"
+        raise DatasetError(f"dataset {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+    return builder_class(**options)
+
+
+def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> DatasetSplits:
+    """Read the registered dataset `name` below `root` (the data root or the dataset folder itself)."""
+    return make_builder(name, **options).build(root)
+
+
+def register(cls: type[DatasetBuilder]) -> type[DatasetBuilder]:
+    """Class decorator: register a builder under its `name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    return DATASETS.register(cls.name)(cls)

@@ -1,0 +1,125 @@
+"""The synthetic world's classification tasks as datasets: rendered on the fly, with exact masks, no files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from PIL import Image
+
+from promptclip.data import synthetic
+from promptclip.data.datasets.base import (
+    SPLIT_NAMES,
+    DatasetBuilder,
+    DatasetError,
+    DatasetSplits,
+    Datum,
+    ExpectedLayout,
+    register,
+)
+
+
+@dataclass
+class SyntheticRenderer:
+    """Renders a synthetic `Datum` (virtual id `<split>/<index>`) and its exact foreground mask."""
+
+    task: synthetic.SyntheticTask
+    description: str = "exact masks from the synthetic renderer"
+
+    def _spec(self, datum: Datum) -> synthetic.SceneSpec:
+        split, _, index = datum.path.partition("/")
+        try:
+            return self.task.split(split)[int(index)].spec
+        except (ValueError, IndexError):
+            raise DatasetError(f"{datum.path!r} is not an image id of {self.task.name}") from None
+
+    def load_image(self, datum: Datum) -> Image.Image:
+        image, _ = synthetic.render(self._spec(datum), self.task.image_size)
+        return Image.fromarray(image, mode="RGB")
+
+    def load(self, datum: Datum) -> Image.Image:
+        _, mask = synthetic.render(self._spec(datum), self.task.image_size)
+        return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+
+    def missing(self, data: Sequence[Datum]) -> list[Datum]:
+        return []
+
+
+class SyntheticDataset(DatasetBuilder):
+    """A task of the procedural synthetic world (`root` is not needed and ignored)."""
+
+    needs_root: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        train_per_class: int = 32,
+        val_per_class: int = 8,
+        test_per_class: int = 32,
+        image_size: int = 64,
+        spurious: float = 0.0,
+    ) -> None:
+        self.task_options = {
+            "seed": int(seed),
+            "train_per_class": int(train_per_class),
+            "val_per_class": int(val_per_class),
+            "test_per_class": int(test_per_class),
+            "image_size": int(image_size),
+            "spurious": float(spurious),
+        }
+
+    def build(self, root: str | Path | None) -> DatasetSplits:
+        try:
+            task = synthetic.build_task(self.name, **self.task_options)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise DatasetError(f"{self.name}: {err}") from None
+        splits = {
+            split: [
+                Datum(f"{split}/{index:06d}", sample.label, task.classnames[sample.label])
+                for index, sample in enumerate(task.split(split))
+            ]
+            for split in SPLIT_NAMES
+        }
+        renderer = SyntheticRenderer(task)
+        counts = self.task_options
+        num_classes = len(task.classnames)
+        return DatasetSplits(
+            name=self.name,
+            root=None,
+            classnames=list(task.classnames),
+            template=task.template,
+            train=splits["train"],
+            val=splits["val"],
+            test=splits["test"],
+            reader=renderer,
+            masks=renderer,
+            expected=ExpectedLayout(
+                num_classes, {split: num_classes * int(counts[f"{split}_per_class"]) for split in SPLIT_NAMES}
+            ),
+            info={"split_source": f"synthetic world, seed {counts['seed']}", "task_options": dict(counts)},
+        )
+
+
+@register
+class SyntheticObjects(SyntheticDataset):
+    """Synthetic objects: 24 colour+shape classes rendered on the fly, exact masks, 'a photo of a {}.'"""
+
+    name: ClassVar[str] = "synthetic_objects"
+
+
+@register
+class SyntheticShapes(SyntheticDataset):
+    """Synthetic shapes: 10 shapes in random colours rendered on the fly, exact masks, 'a photo of a {}.'"""
+
+    name: ClassVar[str] = "synthetic_shapes"
+
+
+@register
+class SyntheticScenes(SyntheticDataset):
+    """Synthetic scenes: 10 background scenes rendered on the fly, exact masks, 'a photo of a {} background.'"""
+
+    name: ClassVar[str] = "synthetic_scenes"
