@@ -15,6 +15,7 @@ sha256 of its weights, so a prompt saved for one CLIP refuses to load onto anoth
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from promptclip.clip.model import CLIP
+from promptclip.clip.model import CLIP, ArchConfig
 from promptclip.config import from_dict, to_dict
 from promptclip.io import atomic_write_json, atomic_write_with
 
@@ -51,6 +52,10 @@ class PromptModel(nn.Module):
     Config: ClassVar[type] = object
     # True when `image_features` depends on trainable tensors (visual prompts): evaluation may not cache it.
     has_visual_prompts: ClassVar[bool] = False
+    # True when the class features depend on the image (CoCoOp): `forward` then returns per-image text features
+    # [B, C, D], and `text_features()` is only the image-independent part of the prompts. Evaluation must go
+    # through `forward` (`learner(batch).logits`), which is right for every method.
+    image_conditioned_text: ClassVar[bool] = False
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], cfg: Any, template: str = "a photo of a {}.") -> None:
         super().__init__()
@@ -98,6 +103,9 @@ class PromptModel(nn.Module):
         rebuilt; learned tensors are untouched."""
         self.classnames = [_clean_classname(n) for n in names]
         self.invalidate_cache()
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """Called by the engine before the first step of each epoch (0-based `epoch`), also after a resume."""
 
     def on_epoch_end(self, epoch: int, epochs: int) -> None:
         """Called by the engine after the last step of each epoch (0-based `epoch`)."""
@@ -157,6 +165,10 @@ class PromptModel(nn.Module):
         return line
 
     # -- saving and loading -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The method (with any plug-ins) and configs needed to rebuild this learner."""
+        return {"method": self.name, "method_cfg": to_dict(self.cfg), "plugins": {}}
+
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -165,8 +177,7 @@ class PromptModel(nn.Module):
         atomic_write_json(
             directory / CONFIG_FILE,
             {
-                "method": self.name,
-                "method_cfg": to_dict(self.cfg),
+                **self.describe(),
                 "template": self.template,
                 "classnames": self.classnames,
                 "backbone": {
@@ -196,6 +207,10 @@ class PromptModel(nn.Module):
         cfg = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
         names = list(classnames) if classnames is not None else meta["classnames"]
         learner = method_cls(clip, names, cfg, template=meta.get("template", "a photo of a {}."))
+        if meta.get("plugins"):
+            from promptclip.plugins.base import wrap_with_plugins
+
+            learner = wrap_with_plugins(learner, meta["plugins"])
         learner.load_trainable_state(load_file(str(directory / WEIGHTS_FILE)), source=str(directory))
         return learner
 
@@ -219,7 +234,7 @@ def read_prompt_config(directory: Path) -> dict[str, Any]:
 
 def check_backbone(meta: Mapping[str, Any], clip: CLIP, directory: Path, strict: bool = True) -> None:
     saved = meta.get("backbone", {})
-    if saved.get("config") and saved["config"] != clip.config.to_dict():
+    if saved.get("config") and not _same_architecture(saved["config"], clip):
         saved_arch = saved.get("arch")
         raise ValueError(
             f"{directory}: prompt was trained on backbone {saved_arch!r}, "
@@ -232,6 +247,15 @@ def check_backbone(meta: Mapping[str, Any], clip: CLIP, directory: Path, strict:
             f"weights have {clip.weights_sha256[:12]}...; load the same weights file "
             "(or pass strict_backbone=False to evaluate it anyway)"
         )
+
+
+def _same_architecture(saved: Mapping[str, Any], clip: CLIP) -> bool:
+    """Compare as configs, not as JSON (tuples come back as lists); the name alone does not matter."""
+    try:
+        saved_cfg = ArchConfig.from_dict(saved)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return dataclasses.replace(saved_cfg, name=clip.config.name) == clip.config
 
 
 def get_method(name: str) -> type[PromptModel]:
