@@ -62,9 +62,14 @@ class CoOp(PromptModel):
         self, clip: CLIP, classnames: Sequence[str], cfg: CoOpConfig, template: str = "a photo of a {}."
     ) -> None:
         super().__init__(clip, classnames, cfg, template)
-        copies = len(self.classnames) if cfg.csc else None
+        copies = len(self.classnames) if self.class_specific else None
         self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init, copies))
         self._parts: PromptParts | None = None
+
+    @property
+    def class_specific(self) -> bool:
+        """One context per class (`csc`); configs without the field (CoCoOp) share one context."""
+        return bool(getattr(self.cfg, "csc", False))
 
     @property
     def n_ctx(self) -> int:
@@ -78,7 +83,7 @@ class CoOp(PromptModel):
         return build_prompt_parts(self.clip, names, self.n_ctx)
 
     def set_classnames(self, names: Sequence[str]) -> None:
-        if self.cfg.csc and len(names) != self.ctx.shape[0]:
+        if self.class_specific and len(names) != self.ctx.shape[0]:
             raise ValueError(
                 f"class-specific context was learned for {self.ctx.shape[0]} classes and cannot be used for "
                 f"{len(names)} others; train with csc=false to transfer to new classes"
@@ -87,7 +92,7 @@ class CoOp(PromptModel):
         self._parts = None
 
     def encode_classnames(self, names: Sequence[str]) -> torch.Tensor:
-        if self.cfg.csc and len(names) != self.ctx.shape[0]:
+        if self.class_specific and len(names) != self.ctx.shape[0]:
             raise ValueError("class-specific context only encodes the class names it was learned for")
         parts = self.prompt_parts(names)
         embeddings = assemble_prompts(parts, self.ctx, self.cfg.class_token_position)
