@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"promptclip: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`promptclip list methods | head`): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

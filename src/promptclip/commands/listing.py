@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import typing
 
 # Importing these modules fills the registries that `list` prints.
 _REGISTRY_MODULES = {
     "datasets": ("promptclip.data.datasets",),
     "methods": ("promptclip.methods",),
     "selectors": ("promptclip.data.selection",),
+    "plugins": ("promptclip.plugins",),
 }
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("list", help="list architectures, datasets, methods or selectors")
-    parser.add_argument("what", choices=["archs", "datasets", "methods", "selectors"])
+    parser = subparsers.add_parser("list", help="list architectures, datasets, methods, plug-ins or selectors")
+    parser.add_argument("what", choices=["archs", "datasets", "methods", "plugins", "selectors"])
     parser.set_defaults(func=run_list)
 
 
@@ -35,8 +38,31 @@ def run_list(args: argparse.Namespace) -> int:
         "datasets": registry.DATASETS,
         "methods": registry.METHODS,
         "selectors": registry.SELECTORS,
+        "plugins": registry.PLUGINS,
     }[args.what]
     for name, entry in table.items():
         summary = (getattr(entry, "__doc__", None) or "").strip().splitlines()
         print(f"{name:24s} {summary[0] if summary else ''}")
+        config_cls = getattr(entry, "Config", None)
+        if args.what in ("methods", "plugins") and dataclasses.is_dataclass(config_cls):
+            for line in describe_config(config_cls):
+                print(f"{'':26s}{line}")
     return 0
+
+
+def describe_config(config_cls: type) -> list[str]:
+    """One line per field: name, type and default, so a user can write `--opts method_cfg.<name> <value>`."""
+    hints = typing.get_type_hints(config_cls)
+    lines = []
+    for field in dataclasses.fields(config_cls):
+        if field.default is not dataclasses.MISSING:
+            default = repr(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            default = repr(field.default_factory())
+        else:
+            default = "(required)"
+        type_name = str(hints[field.name]).replace("typing.", "")
+        if isinstance(hints[field.name], type):
+            type_name = hints[field.name].__name__
+        lines.append(f"{field.name}: {type_name} = {default}")
+    return lines
