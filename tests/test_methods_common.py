@@ -71,6 +71,11 @@ CASES = [
     Case("deep_lang", "deep_lang", {"depth": 2, "text_chunk_size": 3}),
     Case("promptsrc", "promptsrc", {"depth_text": 2, "depth_vision": 2}),
     Case("promptkd", "promptkd", {"depth_vision": 2, "teacher_arch": ""}),
+    Case("maple+dapt-s", "maple+dapt", {"depth": 2}, plugins={"dapt": {}}),
+    Case("maple+dapt-g", "maple+dapt", {"depth": 2}, plugins={"dapt": {"mask_source": "gradcam"}}),
+    Case("src+dapt", "promptsrc+dapt", {"depth_text": 2, "depth_vision": 2}, plugins={"dapt": {"schedule": "joint"}}),
+    Case("kd+dapt", "promptkd+dapt", {"depth_vision": 2, "teacher_arch": ""}, plugins={"dapt": {"schedule": "joint"}}),
+    Case("coop+dapt-g", "coop+dapt", {"n_ctx": 4}, plugins={"dapt": {"mask_source": "gradcam", "schedule": "joint"}}),
 ]
 IDS = [case.name for case in CASES]
 

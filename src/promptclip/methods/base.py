@@ -93,7 +93,7 @@ class PromptModel(nn.Module):
     def forward(self, batch: Batch) -> LearnerOutput:
         image = self.image_features(batch["image"])
         text = self.text_features()
-        return LearnerOutput(self.logit_scale * image @ text.t(), image, text)
+        return LearnerOutput(scaled_cosine_logits(self.logit_scale, image, text), image, text)
 
     def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(output.logits, batch["label"])}
@@ -103,6 +103,13 @@ class PromptModel(nn.Module):
         rebuilt; learned tensors are untouched."""
         self.classnames = [_clean_classname(n) for n in names]
         self.invalidate_cache()
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """State a resumed run needs that is not part of the prompt (e.g. PromptSRC's running aggregate)."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `training_state` returned."""
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Called by the engine before the first step of each epoch (0-based `epoch`), also after a resume."""
@@ -213,6 +220,12 @@ class PromptModel(nn.Module):
             learner = wrap_with_plugins(learner, meta["plugins"])
         learner.load_trainable_state(load_file(str(directory / WEIGHTS_FILE)), source=str(directory))
         return learner
+
+
+def scaled_cosine_logits(scale: torch.Tensor, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """`scale * image @ text.T` in fp32 even under autocast: near 100 * cos, bf16 logits would be coarse."""
+    with torch.autocast(device_type=image.device.type, enabled=False):
+        return scale.float() * image.float() @ text.float().t()
 
 
 def _clean_classname(name: str) -> str:

@@ -1,0 +1,218 @@
+"""PromptKD (Li et al., CVPR 2024): distil a prompted teacher CLIP into a student with visual prompts.
+
+The student is a CLIP (ViT-B/16 in the paper) with deep vision prompts (4 tokens, depth 9; depth 3 for
+cross-dataset) and a projector from its embedding width to the teacher's (Conv1x1 -> BatchNorm -> ReLU ->
+Conv1x1, as in the reference). It has no text branch: its classifier is the teacher's text features.
+
+The teacher is any saved prompt (`teacher_prompt`, a `save_pretrained` folder; the paper's is PromptSRC on
+ViT-L/14) on `teacher_arch`, or zero-shot CLIP when none is given. It is frozen: its parameters never
+require gradients, its outputs are computed without autograd, and its text features are encoded once per
+class set.
+
+Loss: kd_weight x KL(softmax(teacher / T) || softmax(student / T)) x T^2 / numel (T = 1, weight 1000; 200
+for Aircraft, Flowers and DTD), plus an optional cross-entropy (weight 0 in the paper).
+
+PromptKD is transductive: it is trained on the unlabelled training images of *all* classes, including the
+ones later evaluated as "new". `transductive` (class attribute and config flag) marks it so runs and reports
+keep it apart from inductive methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptclip.clip.model import CLIP
+from promptclip.methods.base import Batch, LearnerOutput, PromptModel
+from promptclip.methods.ivlp import PromptLayout, TowerPrompts, check_layout, random_prompt
+from promptclip.methods.ivlp import convert_official_state as convert_official_prompts
+from promptclip.methods.promptsrc import mean_kl, scaled_cosine_logits
+from promptclip.registry import METHODS
+
+RANDOM_WEIGHTS = "random"
+TEACHER_TEXT_CACHE_SIZE = 4
+
+
+@dataclass
+class PromptKDConfig:
+    n_ctx_vision: int = 4
+    """Student vision prompt tokens per layer."""
+    depth_vision: int = 9
+    """Student image-tower layers that receive fresh prompts (9 base-to-novel, 3 cross-dataset)."""
+    teacher_arch: str = "ViT-L-14"
+    """Teacher CLIP: an architecture name or a weights file (see `promptclip list archs`); empty: the student's
+    own CLIP (shared, not copied)."""
+    teacher_weights: str | None = None
+    """Teacher weights file when `teacher_arch` is a name ("random": seeded random weights, for tests)."""
+    teacher_prompt: str = ""
+    """Saved prompt folder of the teacher (`save_pretrained`; PromptSRC in the paper); empty: zero-shot."""
+    kd_weight: float = 1000.0
+    """Weight of the distillation loss (the paper uses 200 for Aircraft, Flowers and DTD)."""
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    """Weight of a cross-entropy on the labels; 0 in the paper (labels are not used)."""
+    transductive: bool = True
+    """Train on the unlabelled training images of all classes (the paper's protocol)."""
+
+
+class FeatureProjector(nn.Module):
+    """Conv1x1 -> BatchNorm -> ReLU -> Conv1x1 on [B, D] features, mapping the student's embedding width to
+    the teacher's. The BatchNorm statistics are trained state (see `extra_state_buffers`); they use and
+    update batch statistics only in training steps, so a forward without autograd in training mode gives the
+    evaluation output."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, out_dim, kernel_size=1)
+        self.bn = nn.BatchNorm2d(out_dim)
+        self.conv2 = nn.Conv2d(out_dim, out_dim, kernel_size=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv1(features[:, :, None, None])
+        if self.training and torch.is_grad_enabled() and hidden.shape[0] > 1:
+            hidden = self.bn(hidden)  # a training step: batch statistics, running statistics updated
+        else:
+            # Evaluation, a forward without autograd (which cannot be a training step), or a single sample
+            # (no batch statistics): the running statistics, left untouched.
+            bn = self.bn
+            hidden = F.batch_norm(hidden, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return self.conv2(F.relu(hidden)).flatten(1)
+
+
+@METHODS.register("promptkd")
+class PromptKD(PromptModel):
+    """PromptKD: student visual prompts + projector distilled from a frozen prompted teacher (transductive)."""
+
+    name = "promptkd"
+    Config = PromptKDConfig
+    has_visual_prompts = True
+    # The method's protocol is transductive; an instance follows its config flag (read by the runner).
+    transductive: bool = True
+
+    def __init__(
+        self,
+        clip: CLIP,
+        classnames: Sequence[str],
+        cfg: PromptKDConfig,
+        template: str = "a photo of a {}.",
+        teacher: PromptModel | None = None,
+    ) -> None:
+        super().__init__(clip, classnames, cfg, template)
+        self.transductive = cfg.transductive
+        check_layout(PromptLayout(0, 0, cfg.n_ctx_vision, cfg.depth_vision), clip, self.name)
+        if cfg.n_ctx_vision == 0:
+            raise ValueError("promptkd: the student needs vision prompts; set n_ctx_vision and depth_vision > 0")
+        if cfg.temperature <= 0:
+            raise ValueError(f"promptkd: temperature must be > 0, got {cfg.temperature}")
+        device = clip.token_embedding.weight.device
+        self.vision = TowerPrompts(
+            random_prompt((cfg.n_ctx_vision, clip.config.vision.width), device), cfg.depth_vision
+        )
+        teacher = teacher if teacher is not None else self._load_teacher(device)
+        if teacher.clip.image_size != clip.image_size:
+            raise ValueError(
+                f"promptkd: teacher {teacher.clip.config.name} reads {teacher.clip.image_size} px images, the "
+                f"student {clip.config.name} {clip.image_size} px; both see the same batch, pick matching models"
+            )
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.teacher = teacher
+        self.projector = FeatureProjector(clip.config.embed_dim, teacher.clip.config.embed_dim).to(device)
+        self._teacher_text: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def _load_teacher(self, device: torch.device) -> PromptModel:
+        from promptclip.clip.weights import load_clip
+        from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
+
+        cfg = self.cfg
+        if not cfg.teacher_arch:
+            teacher_clip = self.clip
+        elif cfg.teacher_weights == RANDOM_WEIGHTS:
+            with torch.random.fork_rng(devices=[]):  # the same random teacher every time (save/load round trips)
+                torch.manual_seed(0)
+                teacher_clip = load_clip(cfg.teacher_arch, weights=RANDOM_WEIGHTS, device=device)
+        else:
+            teacher_clip = load_clip(cfg.teacher_arch, weights=cfg.teacher_weights, device=device)
+        if cfg.teacher_prompt:
+            return PromptModel.from_pretrained(teacher_clip, cfg.teacher_prompt, classnames=self.classnames)
+        return ZeroShotCLIP(teacher_clip, self.classnames, ZeroShotConfig(), template=self.template)
+
+    # -- text side: the teacher's ----------------------------------------------------------------------------
+    def encode_classnames(self, names: Sequence[str]) -> torch.Tensor:
+        return self.teacher_text_features(names)
+
+    def text_features(self) -> torch.Tensor:
+        return self.teacher_text_features(self.classnames)
+
+    def teacher_text_features(self, names: Sequence[str]) -> torch.Tensor:
+        """The teacher's normalised text features for `names`, encoded once per class set and reused while
+        the teacher's prompt tensors stay the same objects at the same version."""
+        prompt_tensors = [p for n, p in self.teacher.named_parameters() if not n.startswith("clip.")]
+        if any(p.requires_grad for p in prompt_tensors):  # a wrapper trains the teacher's prompts: no cache
+            return self.teacher.encode_classnames(list(names)).float()
+        device = self.projector.conv1.weight.device
+        key = (tuple(names), device, *((id(p), p._version) for p in prompt_tensors))
+        cached = self._teacher_text.get(key)
+        if cached is None:
+            with torch.no_grad():
+                cached = self.teacher.encode_classnames(list(names)).float().to(device)
+            if len(self._teacher_text) >= TEACHER_TEXT_CACHE_SIZE:
+                self._teacher_text.pop(next(iter(self._teacher_text)))
+            self._teacher_text[key] = cached
+        return cached
+
+    # -- image side: the student's -------------------------------------------------------------------------
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.clip.encode_image(images, self.vision.ctx, self.vision.deep_prompts())
+        return F.normalize(self.projector(features.float()).float(), dim=-1)
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits over the current classes (no autograd)."""
+        with torch.no_grad():
+            image = self.teacher.image_features(images)
+            return scaled_cosine_logits(self.teacher.logit_scale, image, self.teacher_text_features(self.classnames))
+
+    # -- loss --------------------------------------------------------------------------------------------
+    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        student = output.logits.float()
+        teacher = self.teacher_logits(batch["image"])
+        losses = {"kd": cfg.kd_weight * mean_kl(teacher, student, cfg.temperature)}
+        if cfg.ce_weight:
+            losses["ce"] = cfg.ce_weight * F.cross_entropy(student, batch["label"])
+        return losses
+
+    # -- state -------------------------------------------------------------------------------------------
+    def extra_state_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"projector.bn.{name}": buffer for name, buffer in self.projector.bn.named_buffers()}
+
+    def train(self, mode: bool = True) -> PromptKD:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never switches to training behaviour
+        return self
+
+
+# The reference projector is `VPT_image_trans.conv1`, an nn.Sequential(Conv2d, BatchNorm2d, ReLU, Conv2d).
+_OFFICIAL_PROJECTOR = {"0": "conv1", "1": "bn", "3": "conv2"}
+
+
+def convert_official_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our student tensors (fp32; BatchNorm's counter stays integer) from the state dict saved by the original
+    PromptKD trainer: the vision prompts (`image_encoder.VPT`, `image_encoder.transformer.resblocks.<j>.
+    VPT_shallow`) and the projector `VPT_image_trans.conv1.{0,1,3}`, BatchNorm statistics included."""
+    prompts = {k: v for k, v in state.items() if k.startswith("image_encoder.")}
+    converted = convert_official_prompts(prompts) if prompts else {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if len(parts) == 4 and parts[:2] == ["VPT_image_trans", "conv1"] and parts[2] in _OFFICIAL_PROJECTOR:
+            value = tensor.detach().clone()
+            converted[f"projector.{_OFFICIAL_PROJECTOR[parts[2]]}.{parts[3]}"] = (
+                value if parts[3] == "num_batches_tracked" else value.float()
+            )
+    if "vision.ctx" not in converted or "projector.conv1.weight" not in converted:
+        raise ValueError("no PromptKD student tensors in this state dict (image_encoder.VPT, VPT_image_trans.*)")
+    return converted
