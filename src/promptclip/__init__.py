@@ -15,6 +15,9 @@ _PUBLIC = {
     "ArchConfig": "promptclip.clip.model",
     "load_clip": "promptclip.clip.weights",
     "available_archs": "promptclip.clip.weights",
+    "save_clip": "promptclip.clip.weights",
+    "get_prompt_model": "promptclip.methods.base",
+    "PromptModel": "promptclip.methods.base",
     "tokenize": "promptclip.clip.tokenizer",
 }
 

@@ -8,9 +8,9 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -21,6 +21,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -28,6 +29,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -49,13 +56,16 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+def sha256_file(path: str | Path, chunk_size: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks so a multi-GB checkpoint is never held in memory."""
+    return sha256_files([path], chunk_size)
+
+
+def sha256_files(paths: Iterable[str | Path], chunk_size: int = 1 << 22) -> str:
+    """One sha256 over several files read in order (a sharded checkpoint)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        _update_from(handle, digest, chunk_size)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
     return digest.hexdigest()
-
-
-def _update_from(handle: BinaryIO, digest: Any, chunk_size: int) -> None:
-    while chunk := handle.read(chunk_size):
-        digest.update(chunk)

@@ -23,17 +23,16 @@ The training split can carry a controlled spurious correlation between class and
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from promptclip.io import atomic_write_json, atomic_write_with
 
 __all__ = [
     "COLOURS",
@@ -798,26 +797,7 @@ def _camel(name: str) -> str:
 def _write_png_atomically(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(array).save(stream, format="PNG")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _write_json_atomically(payload: object, path: Path) -> None:
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(payload, stream, indent=1)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_with(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def export_task(task: SyntheticTask, root: Path | str, *, mask_value: int = 255) -> Path:
@@ -848,7 +828,7 @@ def export_task(task: SyntheticTask, root: Path | str, *, mask_value: int = 255)
             _write_png_atomically(mask.astype(np.uint8) * np.uint8(mask_value), masks_dir / rel_path)
             rows.append([rel_path, sample.label, classname])
         entries[split] = rows
-    _write_json_atomically(entries, dataset_dir / f"split_zhou_{_camel(task.name)}.json")
+    atomic_write_json(dataset_dir / f"split_zhou_{_camel(task.name)}.json", entries)
     return dataset_dir
 
 
