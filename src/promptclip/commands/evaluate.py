@@ -1,0 +1,126 @@
+"""`promptclip eval --prompt DIR --dataset NAME`: evaluate a saved prompt on any dataset or class subset."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from promptclip.commands.run import user_errors
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from promptclip.data.commands import add_dataset_arguments
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a saved prompt on a dataset or class subset",
+        description="Load a prompt saved by a run (its prompt/ folder) onto its CLIP and report per-class "
+        "counts and accuracy on a dataset split, with that dataset's (subset's) class names.",
+    )
+    parser.add_argument("--prompt", required=True, help="a saved prompt folder (a run's prompt/)")
+    add_dataset_arguments(parser)
+    parser.add_argument("--subsample", choices=["all", "base", "new"], default="all", help="class subset (default all)")
+    parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="split (default test)")
+    add_backbone_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=100, help="images per batch (default 100)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader workers (default 0)")
+    parser.add_argument("--output", help="also write the counts as JSON to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_eval)
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", help="CLIP architecture or weights path (default: the prompt's run config)")
+    parser.add_argument(
+        "--weights", help="CLIP weights file (default: the prompt's run config, else the weights folder)"
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast on CUDA")
+
+
+def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | None) -> tuple[str, str | None]:
+    """(arch, weights) for a prompt: the flags, else the run's config.yaml beside prompt/, else the
+    architecture the prompt records (weights found in the weights folder)."""
+    from promptclip.methods.base import read_prompt_config
+
+    if arch is None and prompt_dir is not None:
+        run_config = prompt_dir.parent / "config.yaml"
+        if run_config.is_file():
+            model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
+            arch = model.get("arch")
+            weights = weights if weights is not None else model.get("weights")
+        if arch is None:
+            arch = read_prompt_config(prompt_dir).get("backbone", {}).get("arch")
+    if arch is None:
+        arch = "ViT-B-16"
+    if weights == "random":
+        from promptclip.cli import CLIError
+
+        raise CLIError(
+            f"{prompt_dir}: the prompt was trained on randomly initialised CLIP weights, which were not saved; "
+            "pass --arch and --weights with the weights file to evaluate it on"
+        )
+    return arch, weights
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from promptclip.clip.weights import load_clip
+    from promptclip.data.commands import dataset_options_from_args
+    from promptclip.data.datasets import build_dataset
+    from promptclip.data.fewshot import subsample_classes
+    from promptclip.data.loader import build_loader
+    from promptclip.engine.evaluate import evaluate
+    from promptclip.methods.base import PromptModel
+    from promptclip.protocols.runner import resolve_device
+
+    prompt_dir = Path(args.prompt)
+    with user_errors():
+        device = resolve_device(args.device)
+        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
+        clip = load_clip(arch, weights, device=device)
+        splits = subsample_classes(
+            build_dataset(args.dataset, args.root, **dataset_options_from_args(args)), args.subsample
+        )
+        learner = _load_prompt(PromptModel, clip, prompt_dir, splits.classnames, splits.template).to(device)
+        loader = build_loader(
+            splits, args.split, batch_size=args.batch_size, train=False, image_size=clip.image_size,
+            num_workers=args.num_workers, pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        counts = evaluate(
+            learner, loader, device=device, precision=args.precision, progress=False if args.no_progress else None
+        )
+    entry: dict[str, Any] = {
+        "prompt": str(prompt_dir),
+        "dataset": args.dataset,
+        "subsample": args.subsample,
+        "split": args.split,
+        "backbone": {"arch": clip.config.name, "weights_sha256": clip.weights_sha256},
+        **counts.to_dict(),
+    }
+    print(
+        f"{args.dataset} [{args.subsample}, {args.split}]: accuracy {counts.accuracy:.2f}% "
+        f"({counts.num_correct}/{counts.num_samples}), macro {counts.macro_accuracy:.2f}%, "
+        f"{len(counts.classnames)} classes"
+    )
+    if args.output:
+        from promptclip.io import atomic_write_json
+
+        atomic_write_json(args.output, entry)
+        print(f"counts: {args.output}")
+    return 0
+
+
+def _load_prompt(model_cls: Any, clip: Any, prompt_dir: Path, classnames: list[str], template: str) -> Any:
+    from promptclip.cli import CLIError
+
+    try:
+        learner = model_cls.from_pretrained(clip, prompt_dir, classnames=classnames)
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    from promptclip.protocols.runner import set_template
+
+    set_template(learner, template)
+    return learner

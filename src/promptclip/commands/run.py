@@ -1,0 +1,214 @@
+"""`promptclip run PROTOCOL`: expand a protocol into run specs and execute them (skipping finished runs).
+
+Also the helpers the other training commands share: recipe lookup, config loading with `--opts`, and the
+translation of the errors a user can fix into `CLIError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from promptclip.config import ConfigError, RunConfig, apply_overrides, build_run_config, load_recipe
+
+REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad config, data, weights, checkpoints) into `CLIError`."""
+    from promptclip.cli import CLIError
+    from promptclip.clip.weights import WeightsError
+    from promptclip.data.datasets import DatasetError
+    from promptclip.engine.checkpoint import CheckpointError
+    from promptclip.engine.train import NonFiniteLossError
+    from promptclip.protocols.runner import RunError
+    from promptclip.protocols.spec import ProtocolError
+
+    try:
+        yield
+    except WeightsError as err:
+        raise CLIError(f"{err} (on the command line: --opts model.weights FILE, or --weights FILE)") from None
+    except (ConfigError, DatasetError, CheckpointError, ProtocolError, RunError) as err:
+        raise CLIError(str(err)) from None
+    except NonFiniteLossError as err:
+        raise CLIError(str(err)) from None
+    except KeyError as err:  # registry lookups name every known entry
+        message = err.args[0] if err.args else str(err)
+        raise CLIError(str(message)) from None
+
+
+def resolve_recipe(value: str) -> Path:
+    """A recipe file: a path, or a name under configs/ such as `coop/vit_b16_ep50`."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    name = value[:-5] if value.endswith(".yaml") else value
+    for base in (Path("configs"), REPO_CONFIGS):
+        candidate = base / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"--recipe {value}: no such file, and no configs/{name}.yaml; give a recipe file or a name such as "
+        "coop/vit_b16_ep50 (see the configs/ folder)"
+    )
+
+
+def recipe_name(recipe: Path | None) -> str:
+    return recipe.stem if recipe is not None else "default"
+
+
+def load_config(
+    recipe: Path | None,
+    method: str | None = None,
+    opts: Sequence[str] = (),
+    data_overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """The run config of a recipe (or the defaults), `--method`, direct data flags and `--opts` overrides."""
+    data = load_recipe(recipe) if recipe is not None else {}
+    source = str(recipe) if recipe is not None else "command line"
+    if method:
+        if data.get("method") not in (None, method):
+            raise ConfigError(
+                f"{source}: this recipe is for method {data['method']!r}, not {method!r}; pick a recipe under "
+                f"configs/{method.split('+')[0]}/ or leave out --method"
+            )
+        data["method"] = method
+    elif "method" not in data:
+        raise ConfigError(f"{source}: no method given; pass --method (see `promptclip list methods`) or a recipe")
+    if data_overrides:
+        section = dict(data.get("data") or {})
+        section.update({k: v for k, v in data_overrides.items() if v is not None})
+        data["data"] = section
+    return build_run_config(apply_overrides(data, list(opts)), source=source)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every training command takes."""
+    parser.add_argument("--root", help="data root holding the dataset folders (CoOp's DATA layout)")
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides as dotted key / value pairs, e.g. --opts optim.epochs 5 data.batch_size 16",
+    )
+    parser.add_argument("--runs-dir", help="root of the run folders (default: the config's output_dir, 'runs')")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from checkpoints/last.pt")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway without a TTY)")
+    parser.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard (needs tensorboard)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary (log.txt still gets it all)")
+
+
+def run_options(args: argparse.Namespace) -> Any:
+    from promptclip.protocols.runner import RunOptions
+
+    return RunOptions(
+        resume=args.resume,
+        progress=False if (args.no_progress or args.quiet) else None,
+        tensorboard=args.tensorboard,
+        echo=not args.quiet,
+    )
+
+
+def split_list(text: str | None, cast: type = str, what: str = "") -> list[Any] | None:
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return [cast(item) for item in items]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected a comma-separated list of {cast.__name__} values") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# promptclip run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from promptclip.protocols.spec import PROTOCOL_NAMES
+
+    parser = subparsers.add_parser(
+        "run",
+        help="run a protocol sweep (few-shot, base-to-novel, cross-dataset, ...)",
+        description="Expand a protocol into runs (datasets x shots x seeds, ...) and execute them; runs whose "
+        "results.json exists are skipped.",
+    )
+    parser.add_argument("protocol", choices=PROTOCOL_NAMES)
+    parser.add_argument("--method", help="method (and plug-ins), e.g. coop or maple+dapt; default: the recipe's")
+    parser.add_argument("--recipe", help="recipe file or name under configs/ (e.g. coop/vit_b16_ctxv1)")
+    parser.add_argument(
+        "--datasets", help="comma-separated datasets (transfer protocols: the sources, default imagenet)"
+    )
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    parser.add_argument(
+        "--shots", help="comma-separated shots per class (few_shot default 1,2,4,8,16; others: data.shots)"
+    )
+    parser.add_argument(
+        "--targets", help="transfer targets (cross_dataset / domain_generalization); default the field's"
+    )
+    parser.add_argument("--ratios", help="data_efficient ratios (default 0.05,0.1,0.2,0.3,0.5,1.0)")
+    parser.add_argument("--selectors", help="data_efficient selectors (default uniform; `promptclip list selectors`)")
+    parser.add_argument("--shard", help="i/n: run every n-th spec starting at i (0-based: 0/4 .. 3/4)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
+    parser.add_argument("--keep-going", action="store_true", help="report a failed run and go on with the sweep")
+    add_run_flags(parser)
+    parser.set_defaults(func=run_protocol)
+
+
+def run_protocol(args: argparse.Namespace) -> int:
+    from promptclip.cli import CLIError
+
+    with user_errors():
+        specs, cfg = plan(args)
+        if args.dry_run:
+            for spec in specs:
+                state = "done" if spec.finished else "todo"
+                print(f"{state}  {spec.run_dir}  ({spec.describe()})")
+            todo = sum(not spec.finished for spec in specs)
+            print(f"{len(specs)} runs, {len(specs) - todo} done, {todo} to run")
+            return 0
+        from promptclip.protocols.runner import run_specs
+
+        outcomes = run_specs(specs, cfg, run_options(args), keep_going=args.keep_going)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    print(f"{done} runs finished, {skipped} skipped (done before), {len(failed)} failed")
+    if failed:
+        raise CLIError(f"{len(failed)} runs failed; see log.txt in: " + ", ".join(str(o.spec.run_dir) for o in failed))
+    return 0
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Any], RunConfig]:
+    """The specs of this invocation (after --shard) and the base config."""
+    from promptclip.protocols.spec import Sweep, expand, parse_shard, take_shard
+
+    recipe = resolve_recipe(args.recipe) if args.recipe else None
+    cfg = load_config(recipe, args.method, args.opts, {"root": args.root})
+    default_sources = [cfg.data.dataset] if args.protocol not in ("cross_dataset", "domain_generalization") else []
+    sweep = Sweep(
+        datasets=split_list(args.datasets, str, "--datasets") or default_sources,
+        seeds=split_list(args.seeds, int, "--seeds") or [],
+        shots=split_list(args.shots, int, "--shots"),
+        targets=split_list(args.targets, str, "--targets"),
+        ratios=split_list(args.ratios, float, "--ratios"),
+        selectors=split_list(args.selectors, str, "--selectors"),
+        runs_dir=Path(args.runs_dir or cfg.output_dir),
+        recipe=recipe_name(recipe),
+    )
+    specs = expand(args.protocol, cfg, sweep)
+    if args.shard:
+        index, count = parse_shard(args.shard)
+        specs = take_shard(specs, index, count)
+    return specs, cfg

@@ -1,0 +1,409 @@
+"""The one training loop. It knows no method: it only calls the learner contract (`forward`, `loss`,
+`trainable_parameters`, `trainable_state` / `load_trainable_state`, `on_epoch_start`, `on_epoch_end`).
+
+Per optimiser step: forward and loss under autocast (CUDA only), the weighted loss terms summed, divided by
+the number of micro-batches in the accumulation group, backward (through a GradScaler for fp16), optional
+gradient clipping, step. Per epoch: the learning rate of the warm-up + cosine rule, `on_epoch_end`, one line
+in `metrics.jsonl`, a checkpoint of everything a resumed run needs, then the epoch callbacks.
+
+A non-finite loss stops the run with the epoch, the batch and the step named; the checkpoint of the last
+finished epoch stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from tqdm import tqdm
+
+from promptclip.config import OptimConfig
+from promptclip.engine.checkpoint import (
+    TrainingCheckpoint,
+    capture_rng_state,
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled
+from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer
+from promptclip.io import atomic_write_text
+from promptclip.methods.base import PromptModel
+
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "log.txt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before the optimiser step."""
+
+    def __init__(
+        self,
+        epoch: int,
+        batch_index: int,
+        step: int,
+        terms: Mapping[str, float],
+        paths: Sequence[str] = (),
+        checkpoint: Path | None = None,
+    ) -> None:
+        self.epoch = epoch
+        self.batch_index = batch_index
+        self.step = step
+        self.terms = dict(terms)
+        self.paths = list(paths)
+        self.checkpoint = checkpoint
+        shown = ", ".join(f"{k}={v}" for k, v in self.terms.items())
+        where = f" (images: {', '.join(self.paths[:4])}{', ...' if len(self.paths) > 4 else ''})" if paths else ""
+        kept = (
+            f"the checkpoint of the last finished epoch is kept at {checkpoint}"
+            if checkpoint is not None and checkpoint.is_file()
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        super().__init__(
+            f"non-finite loss at epoch {epoch + 1}, batch {batch_index} (optimiser step {step}): {shown}{where}; "
+            f"{kept}. Lower optim.lr, set optim.max_grad_norm, or use model.precision fp32/bf16 instead of fp16."
+        )
+
+
+class RunLog:
+    """Prints messages and mirrors them into `log.txt` (appended, so a resumed run keeps its history)."""
+
+    def __init__(self, path: str | Path | None = None, echo: bool = True) -> None:
+        self.path = Path(path) if path is not None else None
+        self.echo = echo
+        self._handle: TextIO | None = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def __call__(self, message: str) -> None:
+        if self.echo:
+            tqdm.write(message)
+        self.to_file(message)
+
+    def to_file(self, message: str) -> None:
+        """Write to log.txt only (e.g. an error the command line reports itself)."""
+        if self._handle is not None:
+            self._handle.write(message + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MetricsFile:
+    """`metrics.jsonl`: one JSON object per line (epochs and evaluations)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drop epoch lines after `epoch` (written by an interrupted run after its last checkpoint)."""
+        if not self.path.is_file():
+            return
+        kept = [r for r in self.read() if "epoch" not in r or "eval" in r or int(r["epoch"]) <= epoch]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int
+    seconds: float
+    final_loss: float | None
+    last_lr: float | None = None
+    resumed_from_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("history")
+        return data
+
+
+EpochCallback = Callable[[int, "Trainer"], None]
+"""Called after each finished epoch (1-based count) once its checkpoint is written."""
+
+
+class Trainer:
+    """Trains `learner` on `loader` (an iterable of dict batches, re-iterated every epoch; `set_epoch(e)` is
+    called first when the loader has it, so a seeded loader can derive its order from (seed, epoch))."""
+
+    def __init__(
+        self,
+        learner: PromptModel,
+        loader: Iterable[Mapping[str, Any]],
+        optim: OptimConfig,
+        *,
+        run_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        progress: bool | None = None,
+        tensorboard: bool = False,
+        log: Callable[[str], None] | None = None,
+        fingerprint: str | None = None,
+        callbacks: Sequence[EpochCallback] = (),
+        generators: Mapping[str, torch.Generator] | None = None,
+    ) -> None:
+        if optim.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be at least 1, got {optim.grad_accum}")
+        if optim.epochs < 1:
+            raise ValueError(f"optim.epochs must be at least 1, got {optim.epochs}")
+        self.learner = learner
+        self.loader = loader
+        self.cfg = optim
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.device = torch.device(device)
+        self.precision = precision
+        self.progress = progress_enabled(progress)
+        self.log = log or (lambda message: None)
+        self.fingerprint = fingerprint
+        self.callbacks = list(callbacks)
+        self.generators = dict(generators or {})
+        learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
+        self.parameters = list(learner.trainable_parameters().values())
+        self.optimizer = build_optimizer(self.parameters, optim)
+        self.schedule = WarmupCosineSchedule(self.optimizer, optim)
+        use_scaler = self.device.type == "cuda" and precision == "fp16"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.epoch = 0  # finished epochs
+        self.global_step = 0
+        self.metrics = MetricsFile(self.run_dir / METRICS_FILE) if self.run_dir is not None else None
+        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    @property
+    def checkpoint_file(self) -> Path | None:
+        return checkpoint_path(self.run_dir) if self.run_dir is not None else None
+
+    def state(self) -> TrainingCheckpoint:
+        return TrainingCheckpoint(
+            epoch=self.epoch,
+            global_step=self.global_step,
+            trainable=self.learner.trainable_state(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.schedule.state_dict(),
+            rng=capture_rng_state(self.generators),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            fingerprint=self.fingerprint,
+        )
+
+    def restore(self, checkpoint: TrainingCheckpoint, source: str = "checkpoint") -> None:
+        if self.fingerprint and checkpoint.fingerprint and checkpoint.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"{source} was written by a run with another configuration (config hash "
+                f"{checkpoint.fingerprint[:12]}..., this run {self.fingerprint[:12]}...); resume with the same "
+                "recipe and options, or delete the checkpoints folder to start again"
+            )
+        self.learner.load_trainable_state(checkpoint.trainable, source=source)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        self.schedule.load_state_dict(checkpoint.scheduler)
+        if self.scaler is not None and checkpoint.scaler:
+            self.scaler.load_state_dict(checkpoint.scaler)
+        restore_rng_state(checkpoint.rng, self.generators)
+        self.epoch = checkpoint.epoch
+        self.global_step = checkpoint.global_step
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        resumed_from = self._start(resume)
+        started = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        last_loss: float | None = None
+        try:
+            while self.epoch < self.cfg.epochs:
+                record = self._run_epoch(self.epoch)
+                history.append(record)
+                last_loss = record["loss"]
+                self._finish_epoch(record)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        if last_loss is None and self.metrics is not None:
+            previous = [r for r in self.metrics.read() if "loss" in r and "eval" not in r]
+            last_loss = previous[-1]["loss"] if previous else None
+        return TrainResult(
+            epochs=self.epoch,
+            steps=self.global_step,
+            seconds=round(time.perf_counter() - started, 3),
+            final_loss=last_loss,
+            last_lr=history[-1]["lr"] if history else None,
+            resumed_from_epoch=resumed_from,
+            history=history,
+        )
+
+    def _start(self, resume: bool) -> int | None:
+        path = self.checkpoint_file
+        if resume and path is not None and path.is_file():
+            self.restore(load_checkpoint(path), source=str(path))
+            if self.metrics is not None:
+                self.metrics.keep_epochs_up_to(self.epoch)
+            self.log(f"resumed from {path} after epoch {self.epoch} (step {self.global_step})")
+            return self.epoch
+        if resume:
+            self.log("no checkpoint to resume from; training from the start")
+        elif path is not None and path.is_file():
+            self.log(f"starting again over the checkpoint of an earlier attempt ({path}); --resume continues it")
+        if self.metrics is not None:
+            self.metrics.reset()
+        return None
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        self.learner.train()
+        self.learner.on_epoch_start(epoch, self.cfg.epochs)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+        lr = self.schedule.get_last_lr()[0]
+        num_batches = len(self.loader) if hasattr(self.loader, "__len__") else None  # type: ignore[arg-type]
+        sums: dict[str, float] = {}
+        count = 0
+        started = time.perf_counter()
+        bar = tqdm(
+            total=num_batches,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            leave=False,
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        with bar:
+            for index, batch, group_size, closes_group in self._micro_batches(num_batches):
+                terms = self._backward(epoch, index, batch, group_size)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                count += 1
+                if closes_group:
+                    self._optimizer_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
+        if count == 0:
+            raise ValueError(
+                "the training loader gave no batches; the training set is smaller than one batch with "
+                "drop_last, or empty (check data.shots, data.subsample and data.batch_size)"
+            )
+        self.learner.on_epoch_end(epoch, self.cfg.epochs)
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "steps": self.global_step}
+        record.update({name: total / count for name, total in sums.items()})
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        return record
+
+    def _micro_batches(self, num_batches: int | None) -> Iterator[tuple[int, Mapping[str, Any], int, bool]]:
+        """(batch index, batch, micro-batches in its accumulation group, whether it closes the group)."""
+        accum = self.cfg.grad_accum
+        iterator = iter(self.loader)
+        current = next(iterator, None)
+        index = 0
+        while current is not None:
+            following = next(iterator, None)
+            group_start = index - index % accum
+            group_size = min(accum, num_batches - group_start) if num_batches is not None else accum
+            is_last = following is None
+            closes = (index + 1) % accum == 0 or is_last
+            if is_last and num_batches is None:
+                group_size = index - group_start + 1
+            yield index, current, group_size, closes
+            current = following
+            index += 1
+
+    def _backward(self, epoch: int, index: int, batch: Mapping[str, Any], group_size: int) -> dict[str, float]:
+        batch = move_batch(batch, self.device)
+        with autocast_context(self.device, self.precision):
+            output = self.learner(batch)
+            terms = self.learner.loss(batch, output)
+        if not terms:
+            raise ValueError(f"{type(self.learner).__name__}.loss returned no loss terms")
+        loss = torch.stack([value.float() for value in terms.values()]).sum()
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        values["loss"] = float(loss.detach())
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLossError(
+                epoch, index, self.global_step, values, batch.get("path") or (), self.checkpoint_file
+            )
+        scaled = loss / group_size
+        if self.scaler is not None:
+            self.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+        return values
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+
+    def _finish_epoch(self, record: dict[str, Any]) -> None:
+        self.schedule.step()
+        self.epoch += 1
+        if self.metrics is not None:
+            self.metrics.append(record)
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("epoch", "steps") and isinstance(value, float | int):
+                    self._tensorboard.add_scalar(f"train/{key}", value, record["epoch"])
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("epoch", "lr", "steps", "seconds"))
+        self.log(
+            f"epoch {record['epoch']}/{self.cfg.epochs}  lr {record['lr']:.3e}  {terms}  ({record['seconds']:.1f}s)"
+        )
+        if self.checkpoint_file is not None:
+            save_checkpoint(self.checkpoint_file, self.state())
+        for callback in self.callbacks:
+            callback(self.epoch, self)
+
+
+def train(
+    learner: PromptModel,
+    loader: Iterable[Mapping[str, Any]],
+    optim: OptimConfig,
+    resume: bool = False,
+    **options: Any,
+) -> TrainResult:
+    """Train `learner` with the options of `Trainer`; see there."""
+    return Trainer(learner, loader, optim, **options).fit(resume=resume)
+
+
+def _open_tensorboard(run_dir: Path | None) -> Any:
+    if run_dir is None:
+        raise ValueError("TensorBoard logging needs a run folder")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package: pip install 'promptclip[tb]' (or pip install tensorboard)"
+        ) from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
