@@ -371,3 +371,28 @@ def test_evaluate_encodes_the_class_texts_once(clip) -> None:
     counts_new = evaluate(learner, batches, classnames=["one", "two", "three"], device="cpu")
     assert learner.classnames == ["one", "two", "three"] and len(calls) == 2
     assert counts_new.classnames == ["one", "two", "three"]
+
+
+def test_resume_restores_a_learners_training_state_bitwise(clip, tmp_path: Path) -> None:
+    """PromptSRC's Gaussian prompt aggregation keeps a running sum across epochs; the checkpoint carries it, so
+    a resumed run ends with exactly the aggregate of an uninterrupted one."""
+    from promptclip.methods.promptsrc import PromptSRC, PromptSRCConfig
+
+    cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
+    method_cfg = PromptSRCConfig(n_ctx_text=2, n_ctx_vision=2, depth_text=2, depth_vision=2, gpa_mean=1.0, gpa_std=1.0)
+
+    def run(run_dir: Path, resume: bool, callbacks=()) -> Trainer:
+        seed_everything(1)
+        learner = PromptSRC(clip, [f"class {i}" for i in range(10)], method_cfg)
+        trainer = Trainer(learner, seeded_loader(clip), cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
+        trainer.fit(resume=resume)
+        return trainer
+
+    straight = run(tmp_path / "straight", resume=False)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", resume=False, callbacks=[stop_after(1)])
+    resumed = run(tmp_path / "cut", resume=True)
+    straight_state, resumed_state = straight.learner.trainable_state(), resumed.learner.trainable_state()
+    assert straight_state.keys() == resumed_state.keys()
+    for key, tensor in straight_state.items():
+        assert torch.equal(resumed_state[key], tensor), key

@@ -214,6 +214,7 @@ class Trainer:
             rng=capture_rng_state(self.generators),
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             fingerprint=self.fingerprint,
+            extra={"learner": self.learner.training_state()},
         )
 
     def restore(self, checkpoint: TrainingCheckpoint, source: str = "checkpoint") -> None:
@@ -224,6 +225,7 @@ class Trainer:
                 "recipe and options, or delete the checkpoints folder to start again"
             )
         self.learner.load_trainable_state(checkpoint.trainable, source=source)
+        self.learner.load_training_state(checkpoint.extra.get("learner") or {})
         self.optimizer.load_state_dict(checkpoint.optimizer)
         self.schedule.load_state_dict(checkpoint.scheduler)
         if self.scaler is not None and checkpoint.scaler:

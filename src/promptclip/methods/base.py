@@ -212,13 +212,15 @@ class PromptModel(nn.Module):
         if cls is not PromptModel and not issubclass(method_cls, cls):
             raise ValueError(f"{directory}: holds a {meta['method']} prompt, not a {cls.name} one")
         cfg = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
-        names = list(classnames) if classnames is not None else meta["classnames"]
-        learner = method_cls(clip, names, cfg, template=meta.get("template", "a photo of a {}."))
+        # Built for the class names it was saved with, then switched: class-specific tensors can refuse.
+        learner = method_cls(clip, meta["classnames"], cfg, template=meta.get("template", "a photo of a {}."))
         if meta.get("plugins"):
             from promptclip.plugins.base import wrap_with_plugins
 
             learner = wrap_with_plugins(learner, meta["plugins"])
         learner.load_trainable_state(load_file(str(directory / WEIGHTS_FILE)), source=str(directory))
+        if classnames is not None and list(classnames) != meta["classnames"]:
+            learner.set_classnames(classnames)
         return learner
 
 

@@ -64,6 +64,7 @@ class CoOp(PromptModel):
         super().__init__(clip, classnames, cfg, template)
         copies = len(self.classnames) if self.class_specific else None
         self.ctx = nn.Parameter(init_context(clip, cfg.n_ctx, cfg.ctx_init, copies))
+        self.learned_classnames = list(self.classnames)
         self._parts: PromptParts | None = None
 
     @property
@@ -82,18 +83,22 @@ class CoOp(PromptModel):
             return self._parts
         return build_prompt_parts(self.clip, names, self.n_ctx)
 
-    def set_classnames(self, names: Sequence[str]) -> None:
-        if self.class_specific and len(names) != self.ctx.shape[0]:
+    def _check_class_specific(self, names: Sequence[str]) -> None:
+        """Class-specific context belongs to the classes it was learned for: any other names are refused,
+        even when their count happens to match (equal base and new halves)."""
+        if self.class_specific and [n.replace("_", " ") for n in names] != self.learned_classnames:
             raise ValueError(
-                f"class-specific context was learned for {self.ctx.shape[0]} classes and cannot be used for "
-                f"{len(names)} others; train with csc=false to transfer to new classes"
+                f"class-specific context was learned for {len(self.learned_classnames)} particular classes and "
+                f"cannot be used for other names ({len(names)} given); train with csc=false to transfer to new classes"
             )
+
+    def set_classnames(self, names: Sequence[str]) -> None:
+        self._check_class_specific(names)
         super().set_classnames(names)
         self._parts = None
 
     def encode_classnames(self, names: Sequence[str]) -> torch.Tensor:
-        if self.class_specific and len(names) != self.ctx.shape[0]:
-            raise ValueError("class-specific context only encodes the class names it was learned for")
+        self._check_class_specific(names)
         parts = self.prompt_parts(names)
         embeddings = assemble_prompts(parts, self.ctx, self.cfg.class_token_position)
         return encode_prompt_embeddings(self.clip, embeddings, parts.eot_index, chunk_size=self.cfg.text_chunk_size)

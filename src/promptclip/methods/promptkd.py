@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptclip.clip.model import CLIP
-from promptclip.methods.base import Batch, LearnerOutput, PromptModel
+from promptclip.methods.base import Batch, LearnerOutput, PromptModel, scaled_cosine_logits
 from promptclip.methods.ivlp import PromptLayout, TowerPrompts, check_layout, random_prompt
 from promptclip.methods.ivlp import convert_official_state as convert_official_prompts
-from promptclip.methods.promptsrc import mean_kl, scaled_cosine_logits
+from promptclip.methods.promptsrc import mean_kl
 from promptclip.registry import METHODS
 
 RANDOM_WEIGHTS = "random"

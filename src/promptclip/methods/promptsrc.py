@@ -28,7 +28,7 @@ from torch import nn
 
 from promptclip.clip.model import CLIP
 from promptclip.clip.tokenizer import tokenize
-from promptclip.methods.base import Batch, LearnerOutput
+from promptclip.methods.base import Batch, LearnerOutput, scaled_cosine_logits
 from promptclip.methods.ivlp import IVLP, IVLPConfig
 from promptclip.methods.templates import IMAGENET_TEMPLATES
 from promptclip.registry import METHODS
@@ -206,12 +206,6 @@ class PromptSRC(IVLP):
     def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if self.gpa is not None:
             self.gpa.load_state(state)
-
-
-def scaled_cosine_logits(scale: torch.Tensor, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """scale x image @ text^T in fp32, also under autocast (bf16 logits near 100 x cos are coarse)."""
-    with torch.autocast(device_type=image.device.type, enabled=False):
-        return scale.float() * image.float() @ text.float().t()
 
 
 def mean_kl(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
