@@ -228,3 +228,33 @@ def test_a_file_that_is_not_a_checkpoint(clip: CLIP, tmp_path: Path) -> None:
     path.write_text("not a checkpoint")
     with pytest.raises(OfficialCheckpointError, match="not a readable PyTorch checkpoint"):
         load_official_prompt(path, clip, CLASSES)
+
+
+def test_eval_command_evaluates_an_official_prompt_file(clip: CLIP, tmp_path: Path, capsys) -> None:
+    """`promptclip eval --official FILE` gives the counts of the converted learner on the dataset's classes."""
+    from promptclip.cli import main
+    from promptclip.clip.weights import save_clip
+    from promptclip.data.datasets import build_dataset
+    from promptclip.data.loader import build_loader
+    from promptclip.engine.evaluate import evaluate
+
+    weights = save_clip(clip, tmp_path / "tiny-vit.safetensors")
+    file = write_dassl_file(tmp_path / "prompt_learner" / "model.pth.tar-10", coop_state(), objects=True)
+    options = ["train_per_class=1", "val_per_class=1", "test_per_class=2", "image_size=32"]
+    argv = ["eval", "--official", str(file), "--dataset", "synthetic_shapes", "--arch", "tiny-vit"]
+    argv += ["--weights", str(weights), "--no-progress", "--output", str(tmp_path / "counts.json")]
+    for option in options:
+        argv += ["--set", option]
+    assert main(argv) == 0, capsys.readouterr().err
+    import json
+
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    splits = build_dataset(
+        "synthetic_shapes", None, train_per_class=1, val_per_class=1, test_per_class=2, image_size=32
+    )
+    expected = evaluate(
+        load_official_prompt(file, clip, splits.classnames, template=splits.template),
+        build_loader(splits, "test", batch_size=100, train=False, image_size=32),
+    )
+    assert counts["correct"] == expected.correct
+    assert sum(counts["total"]) == 2 * len(splits.classnames)

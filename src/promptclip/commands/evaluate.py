@@ -20,7 +20,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Load a prompt saved by a run (its prompt/ folder) onto its CLIP and report per-class "
         "counts and accuracy on a dataset split, with that dataset's (subset's) class names.",
     )
-    parser.add_argument("--prompt", required=True, help="a saved prompt folder (a run's prompt/)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="a saved prompt folder (a run's prompt/)")
+    source.add_argument(
+        "--official",
+        help="a prompt file of the original CoOp/CoCoOp/KgCoOp code (prompt_learner/model.pth.tar-N) or its "
+        "run folder; read with weights_only loading",
+    )
+    parser.add_argument("--epoch", type=int, help="with --official and a run folder: the epoch to load (default last)")
+    parser.add_argument(
+        "--class-token-position",
+        choices=["end", "middle", "front"],
+        default="end",
+        help="with --official: where the class name sat in the original prompts (default end)",
+    )
     add_dataset_arguments(parser)
     parser.add_argument("--subsample", choices=["all", "base", "new"], default="all", help="class subset (default all)")
     parser.add_argument("--split", choices=["train", "val", "test"], default="test", help="split (default test)")
@@ -76,7 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from promptclip.methods.base import PromptModel
     from promptclip.protocols.runner import resolve_device
 
-    prompt_dir = Path(args.prompt)
+    prompt_dir = Path(args.prompt) if args.prompt else None
     with user_errors():
         device = resolve_device(args.device)
         arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
@@ -84,7 +97,11 @@ def run_eval(args: argparse.Namespace) -> int:
         splits = subsample_classes(
             build_dataset(args.dataset, args.root, **dataset_options_from_args(args)), args.subsample
         )
-        learner = _load_prompt(PromptModel, clip, prompt_dir, splits.classnames, splits.template).to(device)
+        if prompt_dir is not None:
+            learner = _load_prompt(PromptModel, clip, prompt_dir, splits.classnames, splits.template)
+        else:
+            learner = _load_official(args, clip, splits.classnames, splits.template)
+        learner = learner.to(device)
         loader = build_loader(
             splits, args.split, batch_size=args.batch_size, train=False, image_size=clip.image_size,
             num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -93,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
             learner, loader, device=device, precision=args.precision, progress=False if args.no_progress else None
         )
     entry: dict[str, Any] = {
-        "prompt": str(prompt_dir),
+        "prompt": str(prompt_dir if prompt_dir is not None else args.official),
         "dataset": args.dataset,
         "subsample": args.subsample,
         "split": args.split,
@@ -124,3 +141,20 @@ def _load_prompt(model_cls: Any, clip: Any, prompt_dir: Path, classnames: list[s
 
     set_template(learner, template)
     return learner
+
+
+def _load_official(args: argparse.Namespace, clip: Any, classnames: list[str], template: str) -> Any:
+    from promptclip.cli import CLIError
+    from promptclip.methods.official import OfficialCheckpointError, load_official_prompt
+
+    try:
+        return load_official_prompt(
+            args.official,
+            clip,
+            classnames,
+            template=template,
+            class_token_position=args.class_token_position,
+            epoch=args.epoch,
+        )
+    except (OfficialCheckpointError, FileNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from None
