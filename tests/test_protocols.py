@@ -63,6 +63,16 @@ def test_base2new_trains_on_base_and_names_both_evaluated_subsets(tmp_path: Path
         )
 
 
+def test_base2new_trains_a_transductive_method_on_all_classes_and_marks_it(tmp_path: Path) -> None:
+    transductive = build_run_config({"method": "promptkd", "data": {"shots": 0}})
+    (spec,) = expand("base2new", transductive, sweep(tmp_path, datasets=["synthetic_shapes"], seeds=[1]))
+    assert (spec.train_subsample, spec.transductive, spec.shots) == ("all", True, 0)
+    assert [t.subsample for t in spec.targets] == ["base", "new"]
+    inductive = build_run_config({"method": "promptkd", "method_cfg": {"transductive": False}})
+    (spec,) = expand("base2new", inductive, sweep(tmp_path, datasets=["synthetic_shapes"], seeds=[1]))
+    assert (spec.train_subsample, spec.transductive) == ("base", False)
+
+
 def test_cross_dataset_defaults_to_imagenet_and_the_ten_targets(tmp_path: Path) -> None:
     specs = expand("cross_dataset", cfg(), sweep(tmp_path, datasets=[]))
     assert len(specs) == 3

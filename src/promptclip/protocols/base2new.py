@@ -3,7 +3,8 @@
 Shots: `--shots`, else the recipe's `data.shots` (16 in every base-to-novel recipe, as in the field).
 The field's rule: K = 16 shots are drawn over all classes first, then the classes are cut (labels sorted,
 base = the first ceil(n/2), new = the rest; each half relabelled from 0). The learner is trained with the
-base class names and tested on the base test split; then its class names are switched to the new half
+base class names (a transductive method such as PromptKD: on the unlabelled images of all classes) and
+tested on the base test split; then its class names are switched to the new half
 (`set_classnames`) and it is tested on the new test split. Per dataset the harmonic mean is
 H = 2BN/(B+N) of the seed means; the average row is H of the averaged B and N.
 """
@@ -27,6 +28,9 @@ NAME = "base2new"
 
 def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
     shots_list = list(sweep.shots) if sweep.shots else [cfg.data.shots]
+    # A transductive method (PromptKD) trains on the unlabelled training images of all classes, as published;
+    # its runs are marked so that reports keep them apart from the inductive ones.
+    transductive = bool(getattr(cfg.method_cfg, "transductive", False))
     if sweep.targets:
         raise ProtocolError("--targets: base2new evaluates the base and new halves of each dataset itself")
     specs = []
@@ -41,7 +45,8 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
                         recipe=sweep.recipe,
                         seed=seed,
                         shots=shots,
-                        train_subsample="base",
+                        train_subsample="all" if transductive else "base",
+                        transductive=transductive,
                         targets=(
                             EvalTarget("base", dataset, "base", "test"),
                             EvalTarget("new", dataset, "new", "test"),
