@@ -19,12 +19,17 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from dpc_cases import dpc_builder
 
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import load_clip
 from promptclip.engine.evaluate import evaluate
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
+
+DPC_K3 = {"dpc": {"top_k": 3}}  # DPC cases: a fixed stage-1 learner and a small picture library (dpc_cases.py)
+SRC_2 = {"depth_text": 2, "depth_vision": 2}
+KD_2 = {"depth_vision": 2, "teacher_arch": ""}
 
 TEMPLATE = "a photo of a {}."
 CLASSES = ["cat", "golden retriever", "red_sports_car", "tree"]
@@ -76,6 +81,10 @@ CASES = [
     Case("src+dapt", "promptsrc+dapt", {"depth_text": 2, "depth_vision": 2}, plugins={"dapt": {"schedule": "joint"}}),
     Case("kd+dapt", "promptkd+dapt", {"depth_vision": 2, "teacher_arch": ""}, plugins={"dapt": {"schedule": "joint"}}),
     Case("coop+dapt-g", "coop+dapt", {"n_ctx": 4}, plugins={"dapt": {"mask_source": "gradcam", "schedule": "joint"}}),
+    Case("coop+dpc", "coop+dpc", {"n_ctx": 4}, plugins=DPC_K3, build=dpc_builder("coop", {"n_ctx": 4})),
+    Case("maple+dpc", "maple+dpc", {"depth": 2}, plugins=DPC_K3, build=dpc_builder("maple", {"depth": 2})),
+    Case("src+dpc", "promptsrc+dpc", SRC_2, plugins=DPC_K3, build=dpc_builder("promptsrc", SRC_2)),
+    Case("kd+dpc", "promptkd+dpc", KD_2, plugins=DPC_K3, build=dpc_builder("promptkd", KD_2)),
 ]
 IDS = [case.name for case in CASES]
 

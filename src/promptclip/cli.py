@@ -20,6 +20,10 @@ COMMAND_MODULES = (
     "promptclip.commands.listing",
     "promptclip.data.commands",
     "promptclip.commands.report",
+    "promptclip.commands.masks",
+    "promptclip.commands.explain",
+    "promptclip.commands.pretrain",
+    "promptclip.commands.demo",
 )
 
 

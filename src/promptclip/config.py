@@ -48,6 +48,9 @@ class DataConfig:
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     """Dataset-specific options (e.g. the synthetic world's `spurious`)."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """A missing or unreadable image found before training: stop with the list ("error"), or leave those
+    images out of the run and count them in results.json ("skip")."""
 
 
 @dataclass

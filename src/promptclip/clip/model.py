@@ -389,6 +389,9 @@ class CLIP(nn.Module):
         self.ln_final = LayerNorm(text.width)
         self.text_projection = nn.Parameter(torch.empty(text.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Default of `truncate` in the text encoders. Cutting after the last end-of-text token is exact; False
+        # runs the full context (a reference path for benchmarks and exactness tests).
+        self.truncate_text = True
         self.initialize_parameters()
 
     # -- initialisation (random weights for tests and for pretraining the tiny model) --------------------
@@ -427,7 +430,7 @@ class CLIP(nn.Module):
         """Unnormalised image features [B, embed_dim]."""
         return self.visual(pixels, shallow_prompts=shallow_prompts, deep_prompts=deep_prompts)
 
-    def encode_text(self, tokens: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
         """Unnormalised text features [N, embed_dim] of token ids [N, context_length], as OpenAI's CLIP.
 
         The end-of-text token has the largest id of the vocabulary, so its position is the argmax."""
@@ -440,14 +443,16 @@ class CLIP(nn.Module):
         eot_index: torch.Tensor,
         deep_prompts: DeepPrompts | None = None,
         prompt_start: int = 1,
-        truncate: bool = True,
+        truncate: bool | None = None,
     ) -> torch.Tensor:
         """Text features from token embeddings [N, L, width] and end-of-text positions [N].
 
         `deep_prompts[j]` ([n, width] or [N, n, width]) replaces positions `prompt_start : prompt_start + n`
-        entering layer j. With `truncate`, the sequence is cut after the last end-of-text position: exact
-        under the causal mask."""
+        entering layer j. With `truncate` (default: the model's `truncate_text`), the sequence is cut after the
+        last end-of-text position: exact under the causal mask."""
         length = embeddings.shape[1]
+        if truncate is None:
+            truncate = self.truncate_text
         if truncate:
             length = min(length, int(eot_index.max()) + 1)
             if deep_prompts is not None:

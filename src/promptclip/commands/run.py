@@ -30,6 +30,7 @@ def user_errors() -> Iterator[None]:
     from promptclip.data.datasets import DatasetError
     from promptclip.engine.checkpoint import CheckpointError
     from promptclip.engine.train import NonFiniteLossError
+    from promptclip.io import DISK_FULL_ERRNOS, DiskFullError
     from promptclip.protocols.runner import RunError
     from promptclip.protocols.spec import ProtocolError
 
@@ -41,6 +42,11 @@ def user_errors() -> Iterator[None]:
         raise CLIError(str(err)) from None
     except NonFiniteLossError as err:
         raise CLIError(str(err)) from None
+    except OSError as err:  # a full disk anywhere (atomic writers raise DiskFullError, appends a bare OSError)
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise
+        full = err if isinstance(err, DiskFullError) else DiskFullError(Path(err.filename or "(a file)"), err)
+        raise CLIError(str(full)) from None
     except KeyError as err:  # registry lookups name every known entry
         message = err.args[0] if err.args else str(err)
         raise CLIError(str(message)) from None
@@ -184,7 +190,9 @@ def run_protocol(args: argparse.Namespace) -> int:
     failed = [o for o in outcomes if o.status == "failed"]
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
-    print(f"{done} runs finished, {skipped} skipped (done before), {len(failed)} failed")
+    busy = sum(o.status == "busy" for o in outcomes)
+    elsewhere = f", {busy} left to another running sweep (run again later to pick them up)" if busy else ""
+    print(f"{done} runs finished, {skipped} skipped (done before){elsewhere}, {len(failed)} failed")
     if failed:
         raise CLIError(f"{len(failed)} runs failed; see log.txt in: " + ", ".join(str(o.spec.run_dir) for o in failed))
     return 0

@@ -106,11 +106,27 @@ class SplitDataset(Dataset):
         self._decoded = [self._decode(datum) for datum in self.data]
 
     def _decode(self, datum: Datum) -> tuple[Image.Image, Image.Image | None]:
-        image = self.splits.load_image(datum)
+        image = self._load_image(datum)
         if not self.with_masks:
             return image, None
         mask = self.splits.load_mask(datum)
         return image, full_mask(image.size) if mask is None else align_mask(mask, image.size)
+
+    def _load_image(self, datum: Datum) -> Image.Image:
+        """The image of `datum`; a file that cannot be read stops with its path and the fixes, not a bare
+        decoder error from inside a worker."""
+        if self.splits.root is None:
+            return self.splits.load_image(datum)  # rendered data: an error here is a bug, shown as it is
+        try:
+            return self.splits.load_image(datum)
+        except DatasetError:
+            raise
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            raise DatasetError(
+                f"image {self.splits.root / datum.path} cannot be read ({type(err).__name__}: {err}); restore or "
+                f"replace it (`promptclip data check --dataset {self.splits.name} --root {self.splits.root} "
+                "--full-decode` lists every broken file), or leave such files out with --opts data.on_bad_image skip"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.data)

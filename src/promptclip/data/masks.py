@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -269,3 +270,79 @@ def missing_masks_message(store: FileMaskStore, split: str, absent: list[Datum],
         f"{len(absent)} of {total} {split} images have no mask ({store.description}); missing:\n"
         f"{listed}{more}\n{fixes_for_missing(store.config)}"
     )
+
+
+# A mask may be stored at another resolution than its image (it is resized to it), but not another shape.
+ASPECT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class _MaskFacts:
+    path: Path
+    problem: str | None = None  # unreadable, or a shape that cannot be its image's
+    has_pixels: bool = False  # any non-zero value
+    has_foreground: bool = False  # any foreground under the configured encoding
+
+
+def check_mask_files(splits: DatasetSplits, data: Sequence[Datum] | None = None, workers: int = 8) -> None:
+    """Before training, decode the mask of every image of `data` (default: the training split) and refuse
+    masks that cannot be used: unreadable files, masks of another shape than their image (made for another
+    image, cropped or rotated), and an encoding that reads most masks as empty although they have non-zero
+    pixels (e.g. 0/255 masks read as label indices, where 255 means "ignore"). Raises `MaskError` listing the
+    files and the fix. Single masks with no foreground at all are allowed (a segmenter can find nothing)."""
+    store = splits.masks
+    if not isinstance(store, FileMaskStore):
+        return  # rendered data bring exact masks
+    data = splits.train if data is None else data
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        facts = [f for f in pool.map(lambda datum: _mask_facts(splits, store, datum), data) if f is not None]
+    broken = [f"{f.path}: {f.problem}" for f in facts if f.problem]
+    if broken:
+        shown = "\n  ".join(broken[:LIST_LIMIT])
+        more = f"\n  ... and {len(broken) - LIST_LIMIT} more" if len(broken) > LIST_LIMIT else ""
+        raise MaskError(
+            f"{len(broken)} of {len(facts)} training masks cannot be used ({store.description}):\n  {shown}{more}\n"
+            "fix: regenerate or replace these masks so that each covers its image (the same size, or the same "
+            "shape at another resolution); if they belong to other images, check the mask rule and folder "
+            "(--mask-rule / --mask-dir, or the mask settings of the plug-in that reads them)"
+        )
+    with_pixels = [f for f in facts if f.has_pixels]
+    empty = [f for f in with_pixels if not f.has_foreground]
+    if with_pixels and 2 * len(empty) > len(with_pixels):
+        config = store.config
+        shown = "\n  ".join(str(f.path) for f in empty[:5])
+        raise MaskError(
+            f"{len(empty)} of {len(with_pixels)} training masks have non-zero pixels but no foreground under mask "
+            f"encoding {config.encoding!r} (ignore_as {config.ignore_as!r}), e.g.:\n  {shown}\n"
+            "fix: choose the encoding of these files (--mask-encoding binary for 0/255 masks, index for label-id "
+            "masks where 255 means ignore, auto to decide per mask); see promptclip.data.masks"
+        )
+
+
+def _mask_facts(splits: DatasetSplits, store: FileMaskStore, datum: Datum) -> _MaskFacts | None:
+    path = store.find(datum)
+    if path is None:
+        return None  # missing masks are handled by attach_masks (error, full or skip)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            values, mask_size = mask_values(image), image.size
+    except Exception as err:  # PIL raises many kinds of errors for broken files
+        return _MaskFacts(path, f"cannot be read ({type(err).__name__}: {err})")
+    try:
+        with Image.open(splits.image_path(datum)) as image:
+            image_size = image.size
+    except Exception:  # an unreadable image is reported by the image check, not here
+        image_size = mask_size
+    if mask_size != image_size and not _same_shape(mask_size, image_size):
+        return _MaskFacts(
+            path,
+            f"{mask_size[0]}x{mask_size[1]} pixels, but its image {datum.path} is {image_size[0]}x{image_size[1]} "
+            "(another shape)",
+        )
+    foreground = foreground_of(values, store.config.encoding, store.config.ignore_as)
+    return _MaskFacts(path, has_pixels=bool(values.any()), has_foreground=bool(foreground.any()))
+
+
+def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] - b[0] * a[1]) <= ASPECT_TOLERANCE * b[0] * a[1]

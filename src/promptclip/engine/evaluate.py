@@ -2,20 +2,32 @@
 
 The learner is put in eval mode and run under `torch.no_grad`, so `text_features()` encodes the class set
 once and reuses it for every batch (the learner's eval cache). Only the image side runs per batch.
+
+Learners whose image side is the frozen CLIP (`PromptModel.cacheable_image_features`: zero-shot, CoOp, KgCoOp,
+deep language prompting) can also reuse image features: with an `ImageFeatureStore`, each image is encoded
+once per backbone, then every later evaluation of it (the other runs of a sweep: seeds, shot counts, methods)
+reads its features instead of decoding and encoding it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
 from promptclip.methods.base import PromptModel
+
+if TYPE_CHECKING:
+    from promptclip.clip.model import CLIP
+    from promptclip.engine.distributed import DataParallel
 
 
 @dataclass
@@ -91,11 +103,16 @@ def evaluate(
     precision: str = "fp32",
     progress: bool | None = False,
     desc: str = "eval",
+    image_features: ImageFeatureStore | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> EvalCounts:
     """Per-class counts of `learner` on `loader` (batches with `image` and `label`).
 
     With `classnames`, the learner is switched to those classes first (`set_classnames`), so the class set
-    being evaluated is always explicit; labels index into it.
+    being evaluated is always explicit; labels index into it. `image_features` (a store of one backbone and
+    dataset, see `ImageFeatureCache`) serves and keeps the image features of learners whose image side is
+    frozen; it is ignored for the others. With `data_parallel`, this rank classifies its own whole batches and
+    the counts are summed over ranks (the same counts as one process).
     """
     if classnames is not None and list(classnames) != list(learner.classnames):
         learner.set_classnames(classnames)
@@ -104,14 +121,20 @@ def evaluate(
     num_classes = len(names)
     correct = torch.zeros(num_classes, dtype=torch.long)
     total = torch.zeros(num_classes, dtype=torch.long)
+    store = image_features if image_features is not None and learner.cacheable_image_features else None
+    batches: Iterable[Mapping[str, Any]] = loader
+    if store is not None:
+        batches = _batches_with_stored_features(loader, store, data_parallel)
+    elif data_parallel is not None:
+        batches = data_parallel.shard_eval_loader(loader)
     was_training = learner.training
     learner.eval()
     try:
         with torch.no_grad():
-            for batch in _iterate(loader, progress, desc):
+            for batch in _iterate(batches, progress, desc):
                 batch = move_batch(batch, device)
                 with autocast_context(device, precision):
-                    logits = learner(batch).logits
+                    logits = _logits(learner, batch, store)
                 labels = batch["label"].to(torch.long)
                 _check_labels(labels, num_classes)
                 hits = (logits.float().argmax(dim=-1) == labels).cpu()
@@ -120,7 +143,19 @@ def evaluate(
                 correct += torch.bincount(labels[hits], minlength=num_classes)
     finally:
         learner.train(was_training)
+    if data_parallel is not None:
+        correct, total = data_parallel.sum_counts(correct, total)
     return EvalCounts(names, correct.tolist(), total.tolist())
+
+
+def _logits(learner: PromptModel, batch: Mapping[str, Any], store: ImageFeatureStore | None) -> torch.Tensor:
+    if store is None:
+        return learner(batch).logits
+    features = batch.get(STORED_FEATURES)
+    if features is None:
+        features = learner.image_features(batch["image"])
+        store.put(batch["path"], features)
+    return learner.classify_image_features(features)
 
 
 def _iterate(loader: Iterable[Mapping[str, Any]], progress: bool | None, desc: str) -> Iterator[Mapping[str, Any]]:
@@ -154,3 +189,116 @@ def predict_probabilities(
         return logits.float().softmax(dim=-1).cpu()
     finally:
         learner.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image features kept across evaluations
+# ---------------------------------------------------------------------------------------------------------
+
+STORED_FEATURES = "stored_image_features"
+"""Batch key of image features served from an `ImageFeatureStore` (the batch then has no `image`)."""
+
+
+class ImageFeatureStore:
+    """Normalised image features [D] by image path, for one backbone, dataset, precision and device kind."""
+
+    def __init__(self, cache: ImageFeatureCache, key: Hashable) -> None:
+        self._cache = cache
+        self.key = key
+        self.features: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def get(self, paths: Sequence[str]) -> torch.Tensor | None:
+        """Features [B, D] of `paths`, or None unless every one of them is stored."""
+        if not paths or any(path not in self.features for path in paths):
+            return None
+        self._cache.hits += len(paths)
+        return torch.stack([self.features[path] for path in paths])
+
+    def put(self, paths: Sequence[str], features: torch.Tensor) -> None:
+        self._cache.misses += len(paths)
+        for path, row in zip(paths, features.detach(), strict=True):
+            self.features[path] = row
+        self._cache.trim()
+
+
+class ImageFeatureCache:
+    """Image features of evaluation images, kept across the evaluations of a process (the runs of a sweep).
+
+    One store per (backbone weights, dataset, precision, device kind); the dataset part is whatever the
+    caller names the images by (the runner: dataset name, root and options), since the image paths are only
+    unique within it. At most `max_images` features are kept (about 2 KB each for ViT-B/16); the store used
+    longest ago is dropped first.
+    """
+
+    def __init__(self, max_images: int = 500_000) -> None:
+        self.max_images = max_images
+        self.hits = 0
+        self.misses = 0
+        self._stores: OrderedDict[Hashable, ImageFeatureStore] = OrderedDict()
+        self._fingerprints: weakref.WeakKeyDictionary[CLIP, str] = weakref.WeakKeyDictionary()
+
+    def store(self, clip: CLIP, data: Hashable, precision: str, device: torch.device | str) -> ImageFeatureStore:
+        key = (self.backbone_fingerprint(clip), clip.image_size, data, precision, torch.device(device).type)
+        if key not in self._stores:
+            self._stores[key] = ImageFeatureStore(self, key)
+        self._stores.move_to_end(key)
+        return self._stores[key]
+
+    def backbone_fingerprint(self, clip: CLIP) -> str:
+        """The sha256 of the weights file, or (random or in-memory weights) of the image tower's tensors."""
+        if clip.weights_sha256:
+            return clip.weights_sha256
+        if clip not in self._fingerprints:
+            digest = hashlib.sha256()
+            for name, tensor in clip.visual.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprints[clip] = digest.hexdigest()
+        return self._fingerprints[clip]
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(store) for store in self._stores.values())
+
+    def trim(self) -> None:
+        while len(self._stores) > 1 and self.num_images > self.max_images:
+            self._stores.popitem(last=False)
+
+    def clear(self) -> None:
+        self._stores.clear()
+
+
+def _listed_batches(loader: Iterable[Mapping[str, Any]]) -> list[list[tuple[str, int]]] | None:
+    """The (path, label) of each batch a promptclip evaluation loader gives, without reading an image; None for
+    other loaders."""
+    from promptclip.engine.distributed import global_batches
+
+    dataset = getattr(loader, "dataset", None)
+    data = getattr(dataset, "data", None)
+    if data is None or getattr(loader, "shuffle", True) or not hasattr(loader, "epoch"):
+        return None
+    return [[(data[i].path, data[i].label) for i in batch] for batch in global_batches(loader, loader.epoch)]
+
+
+def _batches_with_stored_features(
+    loader: Iterable[Mapping[str, Any]], store: ImageFeatureStore, data_parallel: DataParallel | None
+) -> Iterator[Mapping[str, Any]]:
+    """The loader's batches, served from `store` without reading images when every image of the evaluation is
+    stored; else the loader's own batches (their features are stored as they are computed)."""
+    listed = _listed_batches(loader)
+    if listed is not None and data_parallel is not None:
+        listed = data_parallel.rank_batches(listed)
+    if listed is None or any(path not in store for batch in listed for path, _ in batch):
+        yield from (data_parallel.shard_eval_loader(loader) if data_parallel is not None else loader)
+        return
+    for batch in listed:
+        paths = [path for path, _ in batch]
+        features = store.get(paths)
+        assert features is not None
+        yield {"label": torch.tensor([label for _, label in batch]), "path": paths, STORED_FEATURES: features}

@@ -28,12 +28,15 @@ from promptclip.engine.checkpoint import (
     TrainingCheckpoint,
     capture_rng_state,
     checkpoint_path,
-    load_checkpoint,
+    load_resume_checkpoint,
+    previous_checkpoint_path,
     restore_rng_state,
     save_checkpoint,
 )
+from promptclip.engine.distributed import DataParallel
 from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled
 from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer
+from promptclip.faults import fault_point
 from promptclip.io import atomic_write_text
 from promptclip.methods.base import PromptModel
 
@@ -118,9 +121,18 @@ class MetricsFile:
             handle.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a line that is not JSON (cut short by a kill or a full disk) is left out."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop epoch lines after `epoch` (written by an interrupted run after its last checkpoint)."""
@@ -172,6 +184,7 @@ class Trainer:
         fingerprint: str | None = None,
         callbacks: Sequence[EpochCallback] = (),
         generators: Mapping[str, torch.Generator] | None = None,
+        data_parallel: DataParallel | None = None,
     ) -> None:
         if optim.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be at least 1, got {optim.grad_accum}")
@@ -188,6 +201,9 @@ class Trainer:
         self.fingerprint = fingerprint
         self.callbacks = list(callbacks)
         self.generators = dict(generators or {})
+        # Data-parallel ranks share each step's gradients; rank 0 alone writes checkpoints and metrics.
+        self.data_parallel = data_parallel
+        self.is_main = data_parallel is None or data_parallel.is_main
         learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
         self.parameters = list(learner.trainable_parameters().values())
         self.optimizer = build_optimizer(self.parameters, optim)
@@ -195,9 +211,10 @@ class Trainer:
         use_scaler = self.device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.epoch = 0  # finished epochs
+        self._keep_previous = False  # whether last.pt on disk is this run's own (kept as previous.pt)
         self.global_step = 0
-        self.metrics = MetricsFile(self.run_dir / METRICS_FILE) if self.run_dir is not None else None
-        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard else None
+        self.metrics = MetricsFile(self.run_dir / METRICS_FILE) if self.run_dir is not None and self.is_main else None
+        self._tensorboard = _open_tensorboard(self.run_dir) if tensorboard and self.is_main else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     @property
@@ -237,6 +254,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainResult:
         resumed_from = self._start(resume)
+        if self.data_parallel is not None:  # every rank starts from rank 0's tensors
+            self.data_parallel.broadcast_tensors([*self.parameters, *self.learner.extra_state_buffers().values()])
         started = time.perf_counter()
         history: list[dict[str, Any]] = []
         last_loss: float | None = None
@@ -264,16 +283,22 @@ class Trainer:
 
     def _start(self, resume: bool) -> int | None:
         path = self.checkpoint_file
-        if resume and path is not None and path.is_file():
-            self.restore(load_checkpoint(path), source=str(path))
+        found = load_resume_checkpoint(path, self.log) if resume and path is not None else None
+        if found is not None:
+            checkpoint, source = found
+            self.restore(checkpoint, source=str(source))
+            # A damaged last.pt must not become previous.pt when the next checkpoint replaces it.
+            self._keep_previous = source == path
             if self.metrics is not None:
                 self.metrics.keep_epochs_up_to(self.epoch)
-            self.log(f"resumed from {path} after epoch {self.epoch} (step {self.global_step})")
+            self.log(f"resumed from {source} after epoch {self.epoch} (step {self.global_step})")
             return self.epoch
         if resume:
             self.log("no checkpoint to resume from; training from the start")
         elif path is not None and path.is_file():
             self.log(f"starting again over the checkpoint of an earlier attempt ({path}); --resume continues it")
+        if path is not None:
+            previous_checkpoint_path(path).unlink(missing_ok=True)  # an earlier attempt's, not this run's
         if self.metrics is not None:
             self.metrics.reset()
         return None
@@ -312,6 +337,8 @@ class Trainer:
                 "drop_last, or empty (check data.shots, data.subsample and data.batch_size)"
             )
         self.learner.on_epoch_end(epoch, self.cfg.epochs)
+        if self.data_parallel is not None:  # the epoch's loss over the whole batches, not this rank's share
+            sums = self.data_parallel.mean_over_ranks(sums)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "steps": self.global_step}
         record.update({name: total / count for name, total in sums.items()})
         record["seconds"] = round(time.perf_counter() - started, 3)
@@ -350,6 +377,10 @@ class Trainer:
                 epoch, index, self.global_step, values, batch.get("path") or (), self.checkpoint_file
             )
         scaled = loss / group_size
+        if self.data_parallel is not None:  # this rank's share of the batch, weighted by its size
+            weight = self.data_parallel.loss_weight(batch)
+            scaled = scaled * weight
+            values = {name: value * weight for name, value in values.items()}  # averaged over ranks per epoch
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
         else:
@@ -357,6 +388,8 @@ class Trainer:
         return values
 
     def _optimizer_step(self) -> None:
+        if self.data_parallel is not None:
+            self.data_parallel.average_gradients(self.parameters)
         if self.cfg.max_grad_norm is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -367,7 +400,10 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.data_parallel is not None:  # e.g. BatchNorm statistics of each rank's share
+            self.data_parallel.average_buffers(self.learner.extra_state_buffers().values())
         self.global_step += 1
+        fault_point("after_step")
 
     def _finish_epoch(self, record: dict[str, Any]) -> None:
         self.schedule.step()
@@ -382,8 +418,10 @@ class Trainer:
         self.log(
             f"epoch {record['epoch']}/{self.cfg.epochs}  lr {record['lr']:.3e}  {terms}  ({record['seconds']:.1f}s)"
         )
-        if self.checkpoint_file is not None:
-            save_checkpoint(self.checkpoint_file, self.state())
+        if self.checkpoint_file is not None and self.is_main:
+            save_checkpoint(self.checkpoint_file, self.state(), keep_previous=self._keep_previous)
+            self._keep_previous = True
+        fault_point("after_epoch")
         for callback in self.callbacks:
             callback(self.epoch, self)
 

@@ -95,6 +95,23 @@ class PromptModel(nn.Module):
         text = self.text_features()
         return LearnerOutput(scaled_cosine_logits(self.logit_scale, image, text), image, text)
 
+    @property
+    def cacheable_image_features(self) -> bool:
+        """True when evaluation may reuse image features computed earlier for the same image and backbone:
+        `image_features` reads no trainable tensor, and `forward` is the base one, i.e.
+        `classify_image_features(image_features(images))`. Learners with visual prompts, image-conditioned
+        class features or a `forward` of their own (plug-ins) are never served from a cache."""
+        return (
+            not self.has_visual_prompts
+            and not self.image_conditioned_text
+            and type(self).forward is PromptModel.forward
+        )
+
+    def classify_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of normalised image features against the class features: `forward` after its image
+        pass."""
+        return scaled_cosine_logits(self.logit_scale, image_features, self.text_features())
+
     def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
         return {"ce": F.cross_entropy(output.logits, batch["label"])}
 
@@ -218,9 +235,12 @@ class PromptModel(nn.Module):
             from promptclip.plugins.base import wrap_with_plugins
 
             learner = wrap_with_plugins(learner, meta["plugins"])
-        learner.load_trainable_state(load_file(str(directory / WEIGHTS_FILE)), source=str(directory))
+        learner.load_trainable_state(read_prompt_weights(directory), source=str(directory))
         if classnames is not None and list(classnames) != meta["classnames"]:
-            learner.set_classnames(classnames)
+            try:
+                learner.set_classnames(classnames)
+            except ValueError as err:  # e.g. class-specific context: say which prompt refused
+                raise ValueError(f"{directory}: {err}") from None
         return learner
 
 
@@ -245,6 +265,16 @@ def read_prompt_config(directory: Path) -> dict[str, Any]:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path}: corrupt prompt config ({err}); re-save the prompt") from None
+
+
+def read_prompt_weights(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged or foreign file
+        raise ValueError(
+            f"{path}: not a readable prompt file ({err}); save the prompt again, or run its training run again"
+        ) from None
 
 
 def check_backbone(meta: Mapping[str, Any], clip: CLIP, directory: Path, strict: bool = True) -> None:

@@ -42,6 +42,9 @@ class CoCoOpConfig:
     text_chunk_size: int | None = 4096
     """Encode the batch's B x C per-image prompts in chunks of at most this many rows (bounds activation memory
     at evaluation); null encodes them in one pass."""
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
 
 def meta_net_widths(arch: ArchConfig, hidden: int | None = None) -> tuple[int, int, int]:
@@ -108,7 +111,9 @@ class CoCoOp(CoOp):
     ) -> torch.Tensor:
         """Normalised text features [B, C, D] of `names` (default: the current classes) for each image."""
         names = self.classnames if names is None else list(names)
-        parts = trim_parts(self.prompt_parts(names))
+        parts = self.prompt_parts(names)
+        if self.clip.truncate_text:
+            parts = trim_parts(parts)
         contexts = self.ctx.unsqueeze(0) + self.context_shift(image_features).unsqueeze(1)  # [B, n, W]
         count = len(names)
         chunk = self.cfg.text_chunk_size
@@ -119,7 +124,11 @@ class CoCoOp(CoOp):
             rows = tile_parts(parts, len(group))
             row_ctx = group.unsqueeze(1).expand(-1, count, -1, -1).reshape(-1, *group.shape[1:])
             embeddings = assemble_prompts(rows, row_ctx, self.cfg.class_token_position)
-            features.append(encode_prompt_embeddings(self.clip, embeddings, rows.eot_index, chunk_size=chunk))
+            features.append(
+                encode_prompt_embeddings(
+                    self.clip, embeddings, rows.eot_index, chunk_size=chunk, checkpoint=self.cfg.text_checkpoint
+                )
+            )
         return torch.cat(features).view(len(contexts), count, -1)
 
     def forward(self, batch: Batch) -> LearnerOutput:

@@ -32,6 +32,9 @@ class CoOpConfig:
     """Class-specific context: one context per class (cannot transfer to other classes)."""
     text_chunk_size: int | None = None
     """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
 
 def init_context(clip: CLIP, n_ctx: int | None, ctx_init: str, copies: int | None = None) -> torch.Tensor:
@@ -101,4 +104,10 @@ class CoOp(PromptModel):
         self._check_class_specific(names)
         parts = self.prompt_parts(names)
         embeddings = assemble_prompts(parts, self.ctx, self.cfg.class_token_position)
-        return encode_prompt_embeddings(self.clip, embeddings, parts.eot_index, chunk_size=self.cfg.text_chunk_size)
+        return encode_prompt_embeddings(
+            self.clip,
+            embeddings,
+            parts.eot_index,
+            chunk_size=self.cfg.text_chunk_size,
+            checkpoint=getattr(self.cfg, "text_checkpoint", False),
+        )

@@ -64,6 +64,9 @@ class IVLPConfig:
     Empty: N(0, 0.02) tokens."""
     text_chunk_size: int | None = None
     """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx_text, self.depth_text, self.n_ctx_vision, self.depth_vision, self.ctx_init)
@@ -91,6 +94,9 @@ class DeepLanguageConfig:
     ctx_init: str = "a photo of a"
     """Layer-0 tokens from these words (their first n_ctx tokens); empty: N(0, 0.02)."""
     text_chunk_size: int | None = None
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx, self.depth, 0, 0, self.ctx_init)
@@ -237,7 +243,12 @@ class DeepPromptModel(PromptModel):
         parts = self.prompt_parts(names)
         embeddings = assemble_prompts(parts, self.text.ctx)
         return encode_prompt_embeddings(
-            self.clip, embeddings, parts.eot_index, self.text.deep_prompts(), chunk_size=self._chunk_size()
+            self.clip,
+            embeddings,
+            parts.eot_index,
+            self.text.deep_prompts(),
+            chunk_size=self._chunk_size(),
+            checkpoint=self._checkpoint(),
         )
 
     def encode_sentences(self, sentences: Sequence[str]) -> torch.Tensor:
@@ -252,7 +263,12 @@ class DeepPromptModel(PromptModel):
         with torch.no_grad():
             embeddings = self.clip.token_embedding(tokens).float()
         return encode_prompt_embeddings(
-            self.clip, embeddings, tokens.argmax(dim=-1), self.text.deep_prompts(), chunk_size=self._chunk_size()
+            self.clip,
+            embeddings,
+            tokens.argmax(dim=-1),
+            self.text.deep_prompts(),
+            chunk_size=self._chunk_size(),
+            checkpoint=self._checkpoint(),
         )
 
     def text_features(self) -> torch.Tensor:
@@ -270,6 +286,9 @@ class DeepPromptModel(PromptModel):
 
     def _chunk_size(self) -> int | None:
         return getattr(self.cfg, "text_chunk_size", None)
+
+    def _checkpoint(self) -> bool:
+        return bool(getattr(self.cfg, "text_checkpoint", False))
 
     # -- vision side -------------------------------------------------------------------------------------
     def vision_prompts(self) -> tuple[torch.Tensor, DeepPrompts] | None:

@@ -33,6 +33,9 @@ class MaPLeConfig:
     """Layers (in both towers) that receive fresh prompts: 9 for base-to-novel, 3 for cross-dataset / DG."""
     text_chunk_size: int | None = None
     """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx, self.depth, 0, 0, self.ctx_init)

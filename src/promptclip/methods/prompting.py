@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from promptclip.clip.model import CLIP, DeepPrompts
 from promptclip.clip.tokenizer import get_tokenizer, tokenize
@@ -97,16 +98,41 @@ def encode_prompt_embeddings(
     eot_index: torch.Tensor,
     deep_prompts: DeepPrompts | None = None,
     chunk_size: int | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
-    """Normalised text features of prompt embeddings [N, L, W], optionally in chunks of rows to bound
-    activation memory."""
+    """Normalised text features of prompt embeddings [N, L, W], optionally in chunks of rows.
+
+    Chunks bound the activations of a pass without autograd. In training, autograd keeps every chunk's
+    activations for the backward pass, so `checkpoint` also recomputes each chunk there instead of keeping
+    it: memory then grows with the chunk size instead of the class count, for about one more text forward
+    pass; the gradients are the same."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"text_chunk_size must be at least 1 (or null), got {chunk_size}")
     if chunk_size is None or embeddings.shape[0] <= chunk_size:
-        return F.normalize(clip.encode_text_embeddings(embeddings, eot_index, deep_prompts).float(), dim=-1)
+        features = _encode_rows(clip, embeddings, eot_index, deep_prompts, checkpoint)
+        return F.normalize(features.float(), dim=-1)
     chunks = [
-        clip.encode_text_embeddings(embeddings[i : i + chunk_size], eot_index[i : i + chunk_size], deep_prompts)
+        _encode_rows(clip, embeddings[i : i + chunk_size], eot_index[i : i + chunk_size], deep_prompts, checkpoint)
         for i in range(0, embeddings.shape[0], chunk_size)
     ]
     return F.normalize(torch.cat(chunks).float(), dim=-1)
+
+
+def _encode_rows(
+    clip: CLIP,
+    embeddings: torch.Tensor,
+    eot_index: torch.Tensor,
+    deep_prompts: DeepPrompts | None,
+    checkpoint: bool,
+) -> torch.Tensor:
+    """One text pass; with `checkpoint` (and a gradient to compute), its activations are recomputed in the
+    backward pass instead of kept."""
+    inputs = [embeddings, *(p for p in deep_prompts or () if p is not None)]
+    if checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return torch.utils.checkpoint.checkpoint(
+            clip.encode_text_embeddings, embeddings, eot_index, deep_prompts, use_reentrant=False
+        )
+    return clip.encode_text_embeddings(embeddings, eot_index, deep_prompts)
 
 
 def encode_templates(

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +24,22 @@ from promptclip import __version__
 from promptclip.clip.model import CLIP
 from promptclip.config import RunConfig, replace, to_dict
 from promptclip.data.datasets import DatasetSplits, build_dataset
-from promptclip.data.datasets.base import builder_options, make_builder
+from promptclip.data.datasets.base import SplitName, builder_options, make_builder
+from promptclip.data.datasets.check import screen_images
 from promptclip.data.fewshot import fewshot_splits, subsample_classes
 from promptclip.data.loader import build_loader
 from promptclip.engine.checkpoint import seed_everything
-from promptclip.engine.evaluate import EvalCounts, evaluate
+from promptclip.engine.distributed import (
+    DataParallel,
+    current_data_parallel,
+    init_data_parallel,
+    is_main_process,
+    launched_with_torchrun,
+)
+from promptclip.engine.evaluate import EvalCounts, ImageFeatureCache, evaluate
 from promptclip.engine.train import METRICS_FILE, EpochCallback, MetricsFile, RunLog, Trainer
-from promptclip.io import atomic_write_json, atomic_write_text
+from promptclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from promptclip.locks import RunLock, RunLockError
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.protocols.spec import RESULTS_FILE, EvalTarget, RunSpec
 
@@ -44,6 +53,10 @@ class RunError(RuntimeError):
     """A run that cannot proceed as configured; the message names the run folder and the fix."""
 
 
+class RunBusyError(RunError):
+    """The run folder is locked by another running process (another sweep over the same runs folder)."""
+
+
 @dataclass
 class RunOptions:
     resume: bool = False
@@ -52,12 +65,15 @@ class RunOptions:
     echo: bool = True
     callbacks: Sequence[EpochCallback] = ()
     fewshot_cache_dir: str | Path | None = None
+    image_features: ImageFeatureCache = field(default_factory=ImageFeatureCache)
+    """Frozen image features of evaluation images, shared by the runs these options execute (a sweep's runs
+    on one dataset and backbone encode each test image once; see `PromptModel.cacheable_image_features`)."""
 
 
 @dataclass
 class RunOutcome:
     spec: RunSpec
-    status: Literal["done", "skipped", "failed"]
+    status: Literal["done", "skipped", "failed", "busy"]
     results: dict[str, Any] | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -133,6 +149,18 @@ class DatasetCache:
             self._built[name] = build_dataset(name, self.cfg.data.root, **dataset_options(self.cfg, name))
         return self._built[name]
 
+    def screen(self, name: str, split: SplitName, skipped: dict[str, list[str]]) -> None:
+        """Check the images of `split` of dataset `name` before the run starts (see `screen_images`); with
+        `data.on_bad_image skip` the unusable ones leave the cached split and are listed in `skipped`."""
+        key = f"{name}/{split}"
+        if key in skipped:
+            return
+        splits = self.get(name)
+        kept, bad = screen_images(splits, splits.split(split), f"{split} images of {name}", self.cfg.data.on_bad_image)
+        skipped[key] = bad
+        if bad:
+            self._built[name] = splits.replace(**{split: kept})
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -181,8 +209,9 @@ def set_eval_subset(learner: PromptModel, which: Literal["base", "new"]) -> None
     `set_eval_subset`, the others ignore it."""
     current: Any = learner
     while isinstance(current, PromptModel):
-        if hasattr(current, "set_eval_subset"):
-            current.set_eval_subset(which)
+        choose = getattr(current, "set_eval_subset", None)
+        if callable(choose):
+            choose(which)
         current = getattr(current, "inner", None)
 
 
@@ -249,8 +278,10 @@ def evaluate_target(
     clip: CLIP,
     device: torch.device,
     progress: bool | None,
+    image_features: ImageFeatureCache | None = None,
 ) -> EvalCounts:
-    """Evaluate on `target`: its dataset, its class subset (relabelled from 0) and split, with its names."""
+    """Evaluate on `target`: its dataset, its class subset (relabelled from 0) and split, with its names.
+    `image_features` keeps the frozen image features of the target's images for later evaluations."""
     splits = subsample_classes(datasets.get(target.dataset), target.subsample)
     if learner.template != splits.template:  # a transfer target prompts hand-written parts with its own template
         set_template(learner, splits.template)
@@ -267,7 +298,17 @@ def evaluate_target(
         precision=cfg.model.precision,
         progress=progress,
         desc=f"eval {target.key}",
+        image_features=image_features.store(clip, image_data_key(cfg, target), cfg.model.precision, device)
+        if image_features is not None
+        else None,
+        data_parallel=current_data_parallel(),
     )
+
+
+def image_data_key(cfg: RunConfig, target: EvalTarget) -> tuple[str, ...]:
+    """What names the images of `target` beyond their paths: the dataset, its root, options and split."""
+    options = json.dumps(dataset_options(cfg, target.dataset), sort_keys=True, default=str)
+    return (target.dataset, str(cfg.data.root), options, target.split)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,10 +428,90 @@ def prepare_stage1(spec: RunSpec, cfg: RunConfig, options: RunOptions, log: Call
 
 
 def execute(spec: RunSpec, cfg: RunConfig, options: RunOptions | None = None) -> RunOutcome:
-    """Run one spec unless its results.json exists."""
+    """Run one spec unless its results.json exists. The run folder is locked while it runs (`.lock`): a
+    folder held by another running process raises `RunBusyError`; a lock left by a dead process is taken over.
+
+    Started by torchrun with several processes, the spec runs data-parallel (see `_execute_in_group`)."""
     options = options or RunOptions()
+    group = init_data_parallel(resolve_device(cfg.device))
+    if group is not None:
+        return _execute_in_group(spec, cfg, options, group)
+    return _execute_one(spec, cfg, options)
+
+
+def _execute_one(spec: RunSpec, cfg: RunConfig, options: RunOptions) -> RunOutcome:
     if spec.finished:
-        return RunOutcome(spec, "skipped", json.loads(spec.results_path.read_text(encoding="utf-8")))
+        return RunOutcome(spec, "skipped", read_results(spec.results_path))
+    lock = RunLock(spec.run_dir)
+    try:
+        acquired = lock.acquire()
+    except RunLockError as err:
+        raise RunError(str(err)) from None
+    if not acquired:
+        raise RunBusyError(lock.busy_message())
+    try:
+        if spec.finished:  # finished by another sweep between the first look and the lock
+            return RunOutcome(spec, "skipped", read_results(spec.results_path))
+        return _execute_locked(spec, cfg, options, lock)
+    finally:
+        lock.release()
+
+
+# Data-parallel runs (torchrun): rank 0 runs a spec exactly as a single process does (the lock, the log,
+# every file); the other ranks follow its decision to run or skip it, train and evaluate their shares, and
+# write nothing. Rank 0 tells them once it starts the work, so every rank makes the same collective calls.
+_ANNOUNCED: set[Path] = set()
+
+
+def _announce_run(spec: RunSpec) -> None:
+    group = current_data_parallel()
+    if group is not None and group.is_main:
+        group.broadcast_object("run")
+        _ANNOUNCED.add(spec.run_dir)
+
+
+def _execute_in_group(spec: RunSpec, cfg: RunConfig, options: RunOptions, group: DataParallel) -> RunOutcome:
+    if not group.is_main:
+        return _follow_main_rank(spec, cfg, options, group)
+    try:
+        outcome = _execute_one(spec, cfg, options)
+    except Exception as err:
+        if spec.run_dir not in _ANNOUNCED:  # the other ranks still wait for a decision
+            group.broadcast_object("busy" if isinstance(err, RunBusyError) else "failed")
+        _ANNOUNCED.discard(spec.run_dir)
+        raise
+    if spec.run_dir in _ANNOUNCED:
+        _ANNOUNCED.discard(spec.run_dir)
+        group.barrier()  # results.json and the prompt exist before any rank moves on
+    else:
+        group.broadcast_object("skip")
+    return outcome
+
+
+def _follow_main_rank(spec: RunSpec, cfg: RunConfig, options: RunOptions, group: DataParallel) -> RunOutcome:
+    decision = group.broadcast_object(None)
+    if decision == "skip":
+        return RunOutcome(spec, "skipped")
+    if decision == "busy":
+        raise RunBusyError(f"{spec.run_dir}: rank 0 found this run folder locked by another process")
+    if decision != "run":
+        raise RunError(f"{spec.run_dir}: rank 0 stopped before the run started; its log.txt says why")
+    started = time.perf_counter()
+    run_cfg = spec_config(cfg, spec)
+    with RunLog(None, echo=False) as log:
+        _execute(spec, run_cfg, config_hash(run_cfg), options, log)
+    group.barrier()
+    return RunOutcome(spec, "done", seconds=round(time.perf_counter() - started, 3))
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{path}: not a readable results file ({err}); delete it to run that spec again") from None
+
+
+def _execute_locked(spec: RunSpec, cfg: RunConfig, options: RunOptions, lock: RunLock) -> RunOutcome:
     started = time.perf_counter()
     run_cfg = spec_config(cfg, spec)
     text = config_text(run_cfg)
@@ -400,13 +521,17 @@ def execute(spec: RunSpec, cfg: RunConfig, options: RunOptions | None = None) ->
     with RunLog(spec.run_dir / "log.txt", echo=options.echo) as log:
         log(f"== {spec.describe()}")
         log(f"run folder: {spec.run_dir}")
+        if lock.took_over is not None:
+            log(f"took over the lock left by {lock.took_over.describe()}, which is no longer running")
+        for folder in (spec.run_dir, spec.run_dir / "checkpoints", spec.run_dir / PROMPT_DIR):
+            remove_stale_temporaries(folder)  # half-written files of a killed attempt; the folder is ours now
         try:
             with _library_messages_to(log):
                 results = _execute(spec, run_cfg, fingerprint, options, log)
         except Exception as err:
             log.to_file(f"run failed: {type(err).__name__}: {err}")
             raise
-        atomic_write_json(spec.results_path, results)
+        atomic_write_json(spec.results_path, results, fault="mid_results")
         log(f"results: {spec.results_path}")
     return RunOutcome(spec, "done", results, seconds=round(time.perf_counter() - started, 3))
 
@@ -414,15 +539,21 @@ def execute(spec: RunSpec, cfg: RunConfig, options: RunOptions | None = None) ->
 def _execute(
     spec: RunSpec, cfg: RunConfig, fingerprint: str, options: RunOptions, log: Callable[[str], None]
 ) -> dict[str, Any]:
+    _announce_run(spec)
     check_dataset_options(cfg, [spec.dataset, *(t.dataset for t in spec.targets)])
     device = resolve_device(cfg.device)
+    group = current_data_parallel()
+    if group is not None:
+        device = group.device  # cuda:LOCAL_RANK on GPUs
     reused = reusable_prompt(spec, fingerprint)
-    extras = prepare_stage1(spec, cfg, options, log) if reused is None and cfg.plugins else {}
-    seed_everything(spec.seed)
-    clip = load_backbone(cfg, device)
+    # Every image the run will read is checked before any training (this run's or a stage 1's).
     datasets = DatasetCache(cfg)
     source = datasets.get(spec.dataset)
     splits = training_splits(source, spec, options)
+    splits, skipped = screen_run_images(spec, cfg, datasets, splits, log)
+    extras = prepare_stage1(spec, cfg, options, log) if reused is None and cfg.plugins else {}
+    seed_everything(spec.seed)
+    clip = load_backbone(cfg, device)
     data_selection = None
     if spec.ratio is not None:
         splits, data_selection = select_training_data(clip, splits, spec, cfg, device)
@@ -447,26 +578,30 @@ def _execute(
         train_info = _train(learner, splits, spec, cfg, clip, device, fingerprint, options, log)
         if "stage1_dir" in extras:
             train_info["stage1_run"] = str(extras["stage1_dir"])
-    learner.save_pretrained(spec.run_dir / PROMPT_DIR)
+    if is_main_process():
+        learner.save_pretrained(spec.run_dir / PROMPT_DIR)
 
     metrics = MetricsFile(spec.run_dir / METRICS_FILE)
     evaluations: dict[str, Any] = {}
     for target in spec.targets:
         set_eval_subset(learner, eval_subset_of(spec, target))
-        counts = evaluate_target(learner, target, datasets, cfg, clip, device, options.progress)
+        counts = evaluate_target(
+            learner, target, datasets, cfg, clip, device, options.progress, image_features=options.image_features
+        )
         entry = {"dataset": target.dataset, "subsample": target.subsample, "split": target.split, **counts.to_dict()}
         evaluations[target.key] = entry
-        metrics.append(
-            {
-                "eval": target.key,
-                "dataset": target.dataset,
-                "subsample": target.subsample,
-                "split": target.split,
-                "accuracy": entry["accuracy"],
-                "macro_accuracy": entry["macro_accuracy"],
-                "samples": counts.num_samples,
-            }
-        )
+        if is_main_process():
+            metrics.append(
+                {
+                    "eval": target.key,
+                    "dataset": target.dataset,
+                    "subsample": target.subsample,
+                    "split": target.split,
+                    "accuracy": entry["accuracy"],
+                    "macro_accuracy": entry["macro_accuracy"],
+                    "samples": counts.num_samples,
+                }
+            )
         log(
             f"{target.key}: {target.dataset} [{target.subsample}, {target.split}] accuracy {counts.accuracy:.2f}% "
             f"({counts.num_correct}/{counts.num_samples}), macro {counts.macro_accuracy:.2f}%"
@@ -490,7 +625,30 @@ def _execute(
     if data_selection is not None:
         results["ratio"], results["selector"] = spec.ratio, spec.selector
         results["data_selection"] = data_selection
+    if skipped:
+        results["skipped_images"] = skipped
     return results
+
+
+def screen_run_images(
+    spec: RunSpec, cfg: RunConfig, datasets: DatasetCache, splits: DatasetSplits, log: Callable[[str], None]
+) -> tuple[DatasetSplits, dict[str, list[str]]]:
+    """Check every image the run will read, before it starts: the drawn training images and each evaluation
+    split. With `data.on_bad_image error` a problem stops the run with the list of files; with `skip` those
+    images are left out. Returns the training splits and {"<dataset>/<split>": ["path: problem", ...]} of
+    the images left out (empty when none)."""
+    what = f"training images of {spec.dataset}"
+    kept, bad = screen_images(splits, splits.train, what, cfg.data.on_bad_image)
+    skipped: dict[str, list[str]] = {f"{spec.dataset}/training": bad}
+    if bad:
+        splits = splits.replace(train=kept)
+    for target in spec.targets:
+        datasets.screen(target.dataset, target.split, skipped)
+    skipped = {key: lines for key, lines in skipped.items() if lines}
+    for key, lines in skipped.items():
+        shown = "; ".join(lines[:5]) + (f"; ... ({len(lines) - 5} more)" if len(lines) > 5 else "")
+        log(f"left out {len(lines)} unusable images of {key} (data.on_bad_image skip): {shown}")
+    return splits, skipped
 
 
 @contextlib.contextmanager
@@ -533,11 +691,15 @@ def _train(
     # checked with the learner's mask settings (a missing mask stops here, listed); synthetic data bring theirs.
     masks = bool(getattr(learner, "needs_masks", False))
     if masks and not splits.has_masks:
-        from promptclip.data.masks import attach_masks
+        from promptclip.data.masks import attach_masks, check_mask_files
 
         splits = attach_masks(splits, getattr(learner, "mask_config", None))
+        check_mask_files(splits)  # unreadable masks, masks of another shape, an encoding that empties them
         log(f"masks: {splits.info.get('masks', 'attached')}")
     loader = train_loader(splits, cfg, clip, spec.seed, device, masks)
+    group = current_data_parallel()
+    if group is not None:  # each rank takes its share of every batch
+        loader = group.shard_train_loader(loader)
     trainer = Trainer(
         learner,
         loader,
@@ -550,6 +712,7 @@ def _train(
         log=log,
         fingerprint=fingerprint,
         callbacks=options.callbacks,
+        data_parallel=group,
     )
     result = trainer.fit(resume=options.resume)
     info = {"epochs": result.epochs, "steps": result.steps, "seconds": result.seconds, "final_loss": result.final_loss}
@@ -604,26 +767,40 @@ def run_specs(
     keep_going: bool = False,
     report: Callable[[str], None] = print,
 ) -> list[RunOutcome]:
-    """Execute `specs` in order, skipping finished ones; with `keep_going`, a failed run is reported and the
+    """Execute `specs` in order, skipping finished ones and ones another running process holds (another
+    sweep over the same runs folder: status "busy"); with `keep_going`, a failed run is reported and the
     sweep goes on."""
+    if not is_main_process():
+        report = _quiet  # rank 0 reports for the group
     outcomes = []
     for number, spec in enumerate(specs, 1):
         prefix = f"[{number}/{len(specs)}]"
-        if spec.finished:
+        if spec.finished and not launched_with_torchrun():  # ranks take rank 0's word for it (execute)
             report(f"{prefix} done already, skipped: {spec.run_dir}")
             outcomes.append(RunOutcome(spec, "skipped"))
             continue
         try:
             outcome = execute(spec, cfg, options)
+        except RunBusyError as err:
+            report(f"{prefix} in progress elsewhere, skipped: {err}")
+            outcomes.append(RunOutcome(spec, "busy", error=str(err)))
+            continue
         except Exception as err:
-            if not keep_going:
+            if not keep_going or current_data_parallel() is not None:  # ranks must not drift apart
                 raise
             report(f"{prefix} FAILED {spec.run_dir}: {type(err).__name__}: {err}")
             outcomes.append(RunOutcome(spec, "failed", error=f"{type(err).__name__}: {err}"))
             continue
         outcomes.append(outcome)
+        if outcome.status == "skipped":
+            report(f"{prefix} finished meanwhile by another process, skipped: {spec.run_dir}")
+            continue
         summary = ", ".join(
             f"{k} {v['accuracy']:.2f}" for k, v in (outcome.results or {}).get("evaluations", {}).items()
         )
         report(f"{prefix} finished {spec.run_dir} ({outcome.seconds:.1f}s): {summary}")
     return outcomes
+
+
+def _quiet(message: str) -> None:
+    """A report that says nothing (ranks other than 0)."""

@@ -167,9 +167,7 @@ def _check_files(splits: DatasetSplits, report: CheckReport, settings: CheckOpti
             escaping,
         )
     inside = [path for path in everything if not path_escapes_root(path)]
-    probe = _decode_fully if settings.full_decode else _read_header
-    with ThreadPoolExecutor(max_workers=max(1, settings.workers)) as pool:
-        outcomes = list(pool.map(lambda path: _probe(splits.root / path, probe), inside))  # type: ignore[operator]
+    outcomes = probe_images(splits.root, inside, settings.full_decode, settings.workers)
     missing = sorted(path for path, outcome in zip(inside, outcomes, strict=True) if outcome == "missing")
     unreadable = sorted(
         f"{path} ({outcome})"
@@ -188,6 +186,57 @@ def _check_files(splits: DatasetSplits, report: CheckReport, settings: CheckOpti
             "re-download or replace these files; a broken file would stop training midway",
             unreadable,
         )
+
+
+def probe_images(root: Path, paths: Sequence[str], full_decode: bool = False, workers: int = 8) -> list[str]:
+    """For each dataset-relative path: "ok", "missing" or the error reading it (paths must stay inside)."""
+    probe = _decode_fully if full_decode else _read_header
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(lambda path: _probe(root / path, probe), paths))
+
+
+FULL_DECODE_MAX_IMAGES = 5000  # smaller sets (few-shot training sets) are decoded fully before training
+SKIPPED_LIST_LIMIT = 10
+
+
+def screen_images(
+    splits: DatasetSplits,
+    data: Sequence[Datum],
+    what: str,
+    on_bad: str = "error",
+    workers: int = 8,
+) -> tuple[list[Datum], list[str]]:
+    """Check the images a run is about to read, before it starts: (the usable data, "path: problem" for the
+    rest). With `on_bad="error"` any problem raises a `DatasetError` listing the files and the fixes.
+
+    Sets of up to `FULL_DECODE_MAX_IMAGES` images are decoded fully (a truncated JPEG passes a header check);
+    larger ones get the header check of `promptclip data check`. Data without files (rendered) pass as they are.
+    """
+    if splits.root is None or not data:
+        return list(data), []
+    paths = [datum.path for datum in data]
+    inside = [path for path in paths if not path_escapes_root(path)]
+    full_decode = len(inside) <= FULL_DECODE_MAX_IMAGES
+    outcomes = dict(zip(inside, probe_images(splits.root, inside, full_decode, workers), strict=True))
+    problems = {
+        path: outcomes.get(path, "the path leaves the dataset folder")
+        for path in dict.fromkeys(paths)
+        if outcomes.get(path) != "ok"
+    }
+    if not problems:
+        return list(data), []
+    listed = [f"{path}: {problem}" for path, problem in sorted(problems.items())]
+    if on_bad != "skip":
+        shown = "\n  ".join(listed[:SKIPPED_LIST_LIMIT])
+        more = f"\n  ... and {len(listed) - SKIPPED_LIST_LIMIT} more" if len(listed) > SKIPPED_LIST_LIMIT else ""
+        raise DatasetError(
+            f"{len(problems)} of {len(data)} {what} cannot be used (dataset folder {splits.root}):\n  {shown}{more}\n"
+            "fix: restore or replace these files (`promptclip data check --dataset "
+            f"{splits.name} --root {splits.root} --full-decode` lists every problem of the dataset), or leave "
+            "them out of the run with --opts data.on_bad_image skip "
+            "(they are then counted in results.json)"
+        )
+    return [datum for datum in data if datum.path not in problems], listed
 
 
 def _probe(path: Path, probe: Callable[[Path], None]) -> str:
