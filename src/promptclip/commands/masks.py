@@ -1,0 +1,341 @@
+"""`promptclip masks {gradcam,show}`: foreground masks for DAPT.
+
+    promptclip masks gradcam --dataset NAME --root DIR --out MASK_DIR [--prompt DIR] [--split train|val|test|all]
+                             [--shots K --seed S] [--threshold 0.5] [--overwrite]
+    promptclip masks show    --dataset NAME --root DIR [--mask-dir DIR ...] [--split train] [--count 8]
+                             --out FILE.png
+
+`gradcam` writes one binary PNG (0 background, 255 foreground) per image, at the image's own size, in the mask
+store's `mirror` layout below MASK_DIR (the image's path below the dataset's image folder, extension `.png`),
+so a DAPT-S run reads them with `--opts plugins.dapt.mask.mask_dir MASK_DIR`. The model is a saved prompt
+(`--prompt`) or zero-shot CLIP; the class scored is the image's ground truth. Each image is squashed to the
+model's input size (no crop, so the mask covers the whole image), its patch-grid CAM upsampled bilinearly to
+the original size, normalised by its maximum and thresholded. Existing masks are kept unless `--overwrite`.
+
+`show` renders image / mask-overlay pairs of a split as one PNG, from the dataset's own masks (synthetic data),
+or from mask files found with the `--mask-*` options.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from promptclip.commands.run import user_errors
+
+TILE = 128
+GAP = 4
+CAPTION = 14
+FOREGROUND_TINT = np.array([255, 40, 40], dtype=np.float32)
+MANIFEST = "gradcam_masks.json"
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from promptclip.commands.evaluate import add_backbone_arguments
+    from promptclip.data.commands import add_dataset_arguments, add_mask_arguments
+
+    masks = subparsers.add_parser("masks", help="compute Grad-CAM foreground masks (DAPT-G), render mask overlays")
+    actions = masks.add_subparsers(dest="masks_command", metavar="ACTION")
+    masks.set_defaults(func=lambda args: _print_help(masks))
+
+    gradcam = actions.add_parser(
+        "gradcam",
+        help="compute and store Grad-CAM masks of a dataset in the mask store's layout",
+        description="Grad-CAM masks of the ground-truth class (last block's pre-attention LayerNorm, patch "
+        "tokens, per-image max normalisation, threshold) from a saved prompt or zero-shot CLIP, written as "
+        "binary PNGs mirroring the image paths below --out.",
+    )
+    add_dataset_arguments(gradcam)
+    gradcam.add_argument("--out", required=True, help="mask folder to write (the mask store's mirror layout)")
+    gradcam.add_argument("--prompt", help="a saved prompt folder; without it, zero-shot CLIP")
+    gradcam.add_argument(
+        "--split", choices=["train", "val", "test", "all"], default="train", help="images (default train)"
+    )
+    gradcam.add_argument("--shots", type=int, default=0, help="only the K-shot training draw of --seed (0: all)")
+    gradcam.add_argument("--seed", type=int, default=1, help="seed of the K-shot draw (default 1)")
+    gradcam.add_argument("--threshold", type=float, default=0.5, help="foreground where heat >= this (default 0.5)")
+    gradcam.add_argument("--batch-size", type=int, default=32, help="images per Grad-CAM pass (default 32)")
+    gradcam.add_argument("--overwrite", action="store_true", help="recompute masks that exist already")
+    gradcam.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_backbone_arguments(gradcam)
+    gradcam.set_defaults(func=run_gradcam)
+
+    show = actions.add_parser("show", help="render images beside their mask overlays as one PNG")
+    add_dataset_arguments(show)
+    add_mask_arguments(show, with_fallback=False)
+    show.add_argument("--split", choices=["train", "val", "test"], default="train", help="split (default train)")
+    show.add_argument("--count", type=int, default=8, help="images to show, spread over the split (default 8)")
+    show.add_argument("--out", required=True, help="PNG file to write")
+    show.set_defaults(func=run_show)
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masks gradcam
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_gradcam(args: argparse.Namespace) -> int:
+    from promptclip.cli import CLIError
+    from promptclip.clip.weights import load_clip
+    from promptclip.commands.evaluate import backbone_source
+    from promptclip.protocols.runner import resolve_device
+
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CLIError(f"--threshold {args.threshold}: give a value in [0, 1]")
+    if args.batch_size < 1:
+        raise CLIError("--batch-size must be at least 1")
+    with user_errors():
+        splits = _dataset(args)
+        data = _images_of(splits, args.split, args.shots, args.seed)
+        device = resolve_device(args.device)
+        prompt_dir = Path(args.prompt) if args.prompt else None
+        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
+        clip = load_clip(arch, weights, device=device)
+        learner = _scoring_learner(clip, prompt_dir, splits)
+    out = Path(args.out).expanduser()
+    written, kept = write_gradcam_masks(
+        learner, splits, data, out, args.threshold, args.batch_size, args.overwrite, progress=not args.no_progress
+    )
+    from promptclip.io import atomic_write_json
+
+    atomic_write_json(
+        out / MANIFEST,
+        {
+            "dataset": splits.name,
+            "split": args.split,
+            "shots": args.shots,
+            "seed": args.seed,
+            "model": str(prompt_dir) if prompt_dir else f"zero-shot {clip.config.name}",
+            "backbone": {"arch": clip.config.name, "weights_sha256": clip.weights_sha256},
+            "threshold": args.threshold,
+            "images": len(data),
+            "layout": "mirror",
+        },
+    )
+    print(f"{splits.name}: {written} masks written, {kept} kept, in {out}")
+    print(f"train DAPT-S on them with: --opts plugins.dapt.mask.rule mirror plugins.dapt.mask.mask_dir {out.resolve()}")
+    return 0
+
+
+def _dataset(args: argparse.Namespace) -> Any:
+    from promptclip.data.commands import dataset_options_from_args
+    from promptclip.data.datasets import build_dataset
+
+    return build_dataset(args.dataset, args.root, **dataset_options_from_args(args))
+
+
+def _images_of(splits: Any, split: str, shots: int, seed: int) -> list[Any]:
+    from promptclip.data.fewshot import fewshot_splits
+
+    if shots >= 1:
+        splits = fewshot_splits(splits, shots, seed)
+    names = ("train", "val", "test") if split == "all" else (split,)
+    data = [datum for name in names for datum in splits.split(name)]
+    if not data:
+        from promptclip.data.datasets import DatasetError
+
+        raise DatasetError(f"dataset {splits.name!r} has no images in split {split!r}")
+    return data
+
+
+def _scoring_learner(clip: Any, prompt_dir: Path | None, splits: Any) -> Any:
+    """The saved prompt on the dataset's classes, or zero-shot CLIP with the dataset's template."""
+    from promptclip.methods.base import PromptModel
+    from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
+
+    device = clip.token_embedding.weight.device
+    if prompt_dir is None:
+        return ZeroShotCLIP(clip, splits.classnames, ZeroShotConfig(), template=splits.template).to(device)
+    learner = PromptModel.from_pretrained(clip, prompt_dir, classnames=splits.classnames).to(device)
+    from promptclip.protocols.runner import set_template
+
+    set_template(learner, splits.template)
+    return learner
+
+
+def mask_store_path(out: Path, splits: Any, datum: Any) -> Path:
+    """Where the mask of `datum` goes: the mask store's mirror layout below `out`, as PNG."""
+    from promptclip.data.masks import FileMaskStore, MaskConfig
+
+    store = FileMaskStore(splits.root or Path("."), splits.image_dir, MaskConfig(mask_dir=str(out.resolve())))
+    return (out / store.relative_mask_path(datum)).with_suffix(".png")
+
+
+def squashed_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """[3, size, size] CLIP-normalised pixels of the whole image, resized without a crop (bicubic)."""
+    from promptclip.clip.transforms import normalize, pil_to_tensor
+
+    return normalize(pil_to_tensor(image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)))
+
+
+def write_gradcam_masks(
+    learner: Any,
+    splits: Any,
+    data: Sequence[Any],
+    out: Path,
+    threshold: float = 0.5,
+    batch_size: int = 32,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Compute and write the Grad-CAM mask of every datum; returns (written, kept as they were)."""
+    from tqdm import tqdm
+
+    from promptclip.plugins.gradcam import gradcam_grid, heat_to_mask, upsample_cam
+
+    size = learner.clip.image_size
+    device = learner.clip.token_embedding.weight.device
+    todo = [d for d in data if overwrite or not mask_store_path(out, splits, d).is_file()]
+    written = 0
+    for start in tqdm(range(0, len(todo), batch_size), disable=not progress, desc="grad-cam", leave=False):
+        chunk = todo[start : start + batch_size]
+        images = [splits.load_image(datum) for datum in chunk]
+        pixels = torch.stack([squashed_pixels(image, size) for image in images]).to(device)
+        labels = torch.tensor([datum.label for datum in chunk], device=device)
+        cams, _ = gradcam_grid(learner, pixels, labels)
+        for datum, image, cam in zip(chunk, images, cams, strict=True):
+            heat = upsample_cam(cam[None], (image.height, image.width))
+            mask = heat_to_mask(heat, threshold)[0, 0].cpu().numpy()
+            write_png(mask_store_path(out, splits, datum), np.where(mask > 0, 255, 0).astype(np.uint8))
+            written += 1
+    return written, len(data) - len(todo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# masks show
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from promptclip.cli import CLIError
+    from promptclip.data.commands import mask_config_from_args
+    from promptclip.data.masks import FileMaskStore, MaskConfig
+
+    if args.count < 1:
+        raise CLIError("--count must be at least 1")
+    with user_errors():
+        splits = _dataset(args)
+        config = mask_config_from_args(args)
+        if config is not None or splits.root is not None:
+            if splits.root is None and (config is None or config.mask_dir is None):
+                raise CLIError(f"dataset {splits.name!r} has no folder: give --mask-dir to show mask files")
+            store = FileMaskStore(
+                splits.root or Path("."), splits.image_dir, config or MaskConfig(), splits.official_mask_layout
+            )
+            splits = splits.replace(masks=store, info={**splits.info, "masks": store.description})
+        elif not splits.has_masks:
+            raise CLIError(f"dataset {splits.name!r} has no masks to show")
+        data = splits.split(args.split)
+        if not data:
+            raise CLIError(f"the {args.split} split of {splits.name!r} is empty")
+        chosen = spread(len(data), args.count)
+        pairs = []
+        for index in chosen:
+            datum = data[index]
+            image = splits.load_image(datum)
+            mask = splits.load_mask(datum)
+            if mask is None:
+                raise CLIError(f"no mask for {datum.path} ({splits.info.get('masks', 'mask store')})")
+            pairs.append((image, mask, datum.classname))
+    sheet = mask_sheet(pairs)
+    _save_png(sheet, Path(args.out))
+    print(f"{len(pairs)} images with their masks written to {args.out}")
+    return 0
+
+
+def spread(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over `range(total)` (all of them when count >= total)."""
+    if count >= total:
+        return list(range(total))
+    return sorted({round(i * (total - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def fit_tile(image: Image.Image, size: int = TILE, resample: Image.Resampling = Image.Resampling.BICUBIC) -> np.ndarray:
+    """The image squashed to a square tile (masks use nearest neighbour so they stay binary)."""
+    return np.asarray(image.resize((size, size), resample))
+
+
+def mask_overlay(image: Image.Image, mask: Image.Image, size: int = TILE) -> np.ndarray:
+    """The image with its foreground tinted red and its background dimmed, [size, size, 3] uint8."""
+    pixels = fit_tile(image.convert("RGB"), size).astype(np.float32)
+    foreground = fit_tile(mask.convert("L"), size, Image.Resampling.NEAREST)[..., None] >= 128
+    tinted = 0.55 * pixels + 0.45 * FOREGROUND_TINT
+    dimmed = 0.35 * pixels
+    return np.where(foreground, tinted, dimmed).clip(0, 255).astype(np.uint8)
+
+
+def heat_colours(heat: np.ndarray) -> np.ndarray:
+    """A blue-green-yellow-red colour map of values in [0, 1] -> [..., 3] uint8 (no matplotlib needed)."""
+    stops = np.array([0.0, 0.35, 0.65, 1.0])
+    colours = np.array([[20, 30, 140], [30, 170, 120], [250, 220, 40], [220, 30, 30]], dtype=np.float32)
+    value = np.clip(heat, 0.0, 1.0)
+    channels = [np.interp(value, stops, colours[:, c]) for c in range(3)]
+    return np.stack(channels, axis=-1).astype(np.uint8)
+
+
+def heat_overlay(pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """An RGB uint8 image blended with the colour map of `heat` (same height and width)."""
+    blended = (1 - alpha) * pixels.astype(np.float32) + alpha * heat_colours(heat).astype(np.float32)
+    return blended.clip(0, 255).astype(np.uint8)
+
+
+def captioned(tile: np.ndarray, caption: str) -> np.ndarray:
+    """A tile with a caption line above it."""
+    canvas = Image.new("RGB", (tile.shape[1], tile.shape[0] + CAPTION), "white")
+    canvas.paste(Image.fromarray(tile), (0, CAPTION))
+    ImageDraw.Draw(canvas).text((2, 1), caption[: max(tile.shape[1] // 6, 8)], fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def grid_image(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Tiles of equal size laid out in rows, with white gaps."""
+    height, width = rows[0][0].shape[:2]
+    columns = max(len(row) for row in rows)
+    sheet = np.full((len(rows) * (height + GAP) - GAP, columns * (width + GAP) - GAP, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            top, left = r * (height + GAP), c * (width + GAP)
+            sheet[top : top + height, left : left + width] = tile
+    return sheet
+
+
+def mask_sheet(pairs: Sequence[tuple[Image.Image, Image.Image, str]], per_row: int = 4) -> np.ndarray:
+    """(image, mask, caption) triples -> one sheet of image | overlay pairs, `per_row` pairs per row."""
+    tiles = []
+    for image, mask, caption in pairs:
+        tiles.append(captioned(fit_tile(image.convert("RGB")), caption))
+        tiles.append(captioned(mask_overlay(image, mask), "mask"))
+    width = 2 * per_row
+    return grid_image([tiles[i : i + width] for i in range(0, len(tiles), width)])
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array (grey [H, W] or RGB [H, W, 3]) as PNG, atomically."""
+    from promptclip.io import atomic_write_with
+
+    image = Image.fromarray(array)
+
+    def save(temporary: Path) -> None:
+        image.save(temporary, format="PNG")
+
+    atomic_write_with(path, save)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    path = path.expanduser()
+    if path.suffix.lower() != ".png":
+        from promptclip.cli import CLIError
+
+        raise CLIError(f"--out {path}: give a .png file name")
+    write_png(path, array)

@@ -1,0 +1,519 @@
+"""DPC, dual-prompt collaboration (CVPR 2025): a second stage over any tuned prompt learner.
+
+Stage 1 is an ordinary run of the wrapped learner (CoOp, KgCoOp, MaPLe, PromptSRC, PromptKD, ...). Stage 2
+freezes its tuned tensors P (prompts at every depth, couplings, projectors) and trains a parallel copy P'
+that starts as an exact copy of every one of them. The unchanged inner learner runs with P' (or a mix of P
+and P') substituted for its own tensors through `torch.func.functional_call`: no learner code is copied.
+
+Weighting-decoupling, with omega_b for base classes and omega_n for new ones:
+
+* `weighting: reparam` (the official code, the default): the stored trainable tensor is theta (starting at
+  P) and the learner runs with P' = P + (theta - P) / omega_b, which is the code's (theta - (1 - omega_b) P)
+  / omega_b written so that P' is exactly P at the start. omega_b only rescales the step on P' (by
+  1 / omega_b^2 for SGD).
+* `weighting: mixed` (the paper's figure): P' is stored and trained; training and base inference feed the
+  mixed prompt P + omega_b (P' - P).
+* Base classes (the classes P' was tuned on) are evaluated with the tuned prompt above; any other class set
+  ("new": novel classes, transfer targets) with P + omega_n (P' - P). With omega_n = 0 (every reported run)
+  that is P itself, so new-class predictions are bitwise those of stage 1.
+
+Which of the two an evaluation is, is set explicitly with `set_eval_subset("base" | "new")` (the runner does
+so before every evaluation target); it is never inferred from class names or folders. It defaults to
+"base", which is also what training uses.
+
+The loss is the dynamic hard-negative optimizer's symmetric contrastive loss (see `hard_negatives`); the
+hard negatives are ranked by the frozen stage-1 model, i.e. the inner learner with its own tensors P, whose
+class features are encoded once per class set. The wrapped learner's own loss terms can be added with
+`backbone_loss_weight` (0 in the official code). The inner learner's epoch hooks are not called: its tensors
+are frozen (PromptSRC's Gaussian aggregation, for one, belongs to stage 1).
+
+`trainable_state()` holds what training changes (the stored tensors and any tuned BatchNorm statistics);
+a saved prompt also holds P under `stage1.`, so it evaluates new classes without the stage-1 folder.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from promptclip.clip.model import CLIP
+from promptclip.config import ConfigError, RunConfig, build_run_config, load_recipe, to_dict
+from promptclip.data.loader import derive_seed
+from promptclip.io import atomic_write_with
+from promptclip.methods.base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Batch,
+    LearnerOutput,
+    PromptModel,
+    check_backbone,
+    read_prompt_config,
+)
+from promptclip.plugins.base import PluginContext, PluginModel
+from promptclip.plugins.hard_negatives import PictureLibrary, select_negatives, symmetric_contrastive_loss
+from promptclip.registry import PLUGINS
+
+EvalSubset = Literal["base", "new"]
+STAGE1_PREFIX = "stage1."
+_NEGATIVE_STREAM = 11  # derived-seed stream of the negative draws (the loader uses 1-4)
+
+
+@dataclass
+class DPCConfig:
+    omega_b: float = 0.2
+    """Weight of the tuned prompt for base classes (0 < omega_b <= 1); in `reparam` weighting it only rescales
+    the learning rate of P' (0.2 is the poster's best for CoOp; the CoOp configs use 0.5)."""
+    omega_n: float = 0.0
+    """Weight of the tuned prompt for new classes: P + omega_n (P' - P). 0 (the reported setting) keeps the
+    stage-1 predictions exactly."""
+    weighting: Literal["reparam", "mixed"] = "reparam"
+    """reparam: the official code (train theta, run P' = P + (theta - P) / omega_b); mixed: the paper's
+    figure (train P', run P + omega_b (P' - P))."""
+    top_k: int = 8
+    """Hard-negative candidates per image: its top-K classes under the stage-1 model, minus its ground truth
+    (at most K - 1)."""
+    min_negatives: int = 2
+    """Negatives per image after dropping classes already in the batch; the rest are random unused classes."""
+    library: Literal["fewshot", "full"] = "fewshot"
+    """Pictures of the negative classes: the run's own few-shot training images (no data beyond the shot
+    budget), or the full training split of the training classes (the authors' picture library)."""
+    backbone_loss_weight: float = 0.0
+    """Weight of the wrapped learner's own loss terms, computed with P' (0: the contrastive loss alone)."""
+    also_tune: list[str] = field(default_factory=list)
+    """Patterns (fnmatch) of tensors frozen in stage 1 that DPC tunes too, e.g. ["teacher.text.*"] for the
+    text branch the official PromptKD+DPC adds (the teacher's text prompts). Backbone weights never match."""
+    reparametrize: list[str] = field(default_factory=lambda: ["*"])
+    """Patterns of the tuned tensors the omega_b weighting applies to; the others train and run directly
+    (the official PromptKD+DPC weights only the text context: ["teacher.text.ctx"])."""
+    stage1_recipe: str = ""
+    """Recipe of the stage-1 run (file, or name under configs/, e.g. coop/vit_b16_ep50_ctxv1): its method
+    config, optimiser and batch size; dataset, shots, seed and backbone are this run's. Empty: this recipe
+    without the DPC plug-in. Its method config must equal this recipe's."""
+    stage1_opts: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the stage-1 config, nested as in a recipe or with dotted keys: {optim.epochs: 50}."""
+    stage1_prompt: str = ""
+    """A saved stage-1 prompt (or a run folder holding prompt/) to start from instead of a stage-1 run."""
+
+
+def check_dpc_config(cfg: DPCConfig) -> None:
+    if not 0.0 < cfg.omega_b <= 1.0:
+        raise ConfigError(f"plugins.dpc.omega_b: {cfg.omega_b} is outside (0, 1]; the official values are 0.2 and 0.5")
+    if not 0.0 <= cfg.omega_n <= 1.0:
+        raise ConfigError(f"plugins.dpc.omega_n: {cfg.omega_n} is outside [0, 1]; 0 keeps new classes at stage 1")
+    if cfg.top_k < 1:
+        raise ConfigError(f"plugins.dpc.top_k: must be at least 1, got {cfg.top_k}")
+    if cfg.min_negatives < 0:
+        raise ConfigError(f"plugins.dpc.min_negatives: must be >= 0, got {cfg.min_negatives}")
+
+
+class _Dispatch(nn.Module):
+    """Calls any method of the inner learner, so `functional_call` can substitute tensors for it."""
+
+    def __init__(self, inner: PromptModel) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.inner, method)(*args)
+
+
+class _BufferStore(nn.Module):
+    """Holds the tuned copies of the inner learner's trained buffers (BatchNorm statistics)."""
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", "__")
+
+
+@PLUGINS.register("dpc")
+class DPC(PluginModel):
+    """Dual-prompt collaboration: a parallel prompt P' tuned over a frozen stage-1 learner with hard negatives.
+
+    P (the stage-1 tensors) is frozen, P' is trained; weighting-decoupling combines them per class set."""
+
+    name = "dpc"
+    Config = DPCConfig
+    requires_stage1: ClassVar[bool] = True
+    """The runner trains (or reuses) the run `stage1_config` describes and passes its folder to the plug-in
+    as `PluginContext.extras["stage1_dir"]`."""
+
+    def __init__(self, inner: PromptModel, cfg: DPCConfig, context: PluginContext | None = None) -> None:
+        check_dpc_config(cfg)
+        if getattr(inner, "image_conditioned_text", False):
+            raise ValueError(
+                f"dpc: {inner.name} builds per-image class features, which the image-class contrastive loss "
+                "cannot pair; wrap a learner with image-independent class features (coop, kgcoop, maple, ...)"
+            )
+        super().__init__(inner, cfg, context)
+        if context is not None:
+            stage1 = context.extras.get("stage1_dir") or cfg.stage1_prompt
+            if stage1:
+                load_stage1_prompt(inner, Path(stage1))
+        self.tuned_names = tuned_tensor_names(inner, cfg.also_tune)
+        self.buffer_names = sorted(inner.extra_state_buffers())
+        self.weighted_names = {n for n in self.tuned_names if any(fnmatch.fnmatchcase(n, p) for p in cfg.reparametrize)}
+        for name in self.tuned_names:
+            inner.get_parameter(name).requires_grad_(False)
+        # P' starts as a real copy (own storage) of every tuned tensor at every depth.
+        self.tuned = nn.ParameterDict(
+            {_escape(n): nn.Parameter(inner.get_parameter(n).detach().clone()) for n in self.tuned_names}
+        )
+        self.tuned_buffers = _BufferStore()
+        for name in self.buffer_names:
+            self.tuned_buffers.register_buffer(_escape(name), inner.get_buffer(name).detach().clone())
+        if len(self.tuned) != len(self.tuned_names) or len(dict(self.tuned_buffers.named_buffers())) != len(
+            self.buffer_names
+        ):
+            raise ValueError("dpc: two tensor names of the wrapped learner collide once '.' is escaped")
+        self.__dict__["_dispatch"] = _Dispatch(inner)  # not a submodule: the inner learner is registered once
+        self.eval_subset: EvalSubset = "base"
+        self._frozen_substitutes: dict[str, tuple[tuple[int, ...], dict[str, torch.Tensor]]] = {}
+        self._ranking_text: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._library: PictureLibrary | None = None
+        self._epoch = 0
+        self._step = 0
+
+    # -- the tensors ---------------------------------------------------------------------------------------
+    def stage1_tensors(self) -> dict[str, torch.Tensor]:
+        """P: the frozen stage-1 tensors (parameters, then trained buffers) by their name in the inner learner."""
+        tensors: dict[str, torch.Tensor] = {n: self.inner.get_parameter(n) for n in self.tuned_names}
+        tensors.update({n: self.inner.get_buffer(n) for n in self.buffer_names})
+        return tensors
+
+    def tuned_tensors(self) -> dict[str, torch.Tensor]:
+        """P', the parallel prompt (differentiable): P + (theta - P) / omega_b for weighted tensors in
+        reparam weighting, else the stored tensor itself."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.tuned_names:
+            stored = self.tuned[_escape(name)]
+            if self.cfg.weighting == "reparam" and name in self.weighted_names:
+                stage1 = self.inner.get_parameter(name)
+                tensors[name] = stage1 + (stored - stage1) / self.cfg.omega_b
+            else:
+                tensors[name] = stored
+        tensors.update({n: self.tuned_buffers.get_buffer(_escape(n)) for n in self.buffer_names})
+        return tensors
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        """What the learner runs with in training and on base classes."""
+        tensors = self.tuned_tensors()
+        if self.cfg.weighting == "mixed":
+            stage1 = self.stage1_tensors()
+            for name in self.weighted_names:
+                tensors[name] = torch.lerp(stage1[name], tensors[name], self.cfg.omega_b)
+        return tensors
+
+    def new_tensors(self) -> dict[str, torch.Tensor]:
+        """What the learner runs with on any other class set: P + omega_n (P' - P); integer buffers stay P."""
+        stage1 = self.stage1_tensors()
+        if self.cfg.omega_n == 0:
+            return stage1
+        tuned = self.tuned_tensors()
+        return {
+            name: torch.lerp(p, tuned[name].to(p.dtype), self.cfg.omega_n) if p.is_floating_point() else p
+            for name, p in stage1.items()
+        }
+
+    def set_eval_subset(self, which: EvalSubset) -> None:
+        """Evaluate as `base` (the classes P' was tuned on: P') or `new` (any other class set: the omega_n
+        mix). Training always uses the base prompt."""
+        if which not in ("base", "new"):
+            raise ValueError(f"dpc: eval subset {which!r}; choose 'base' (tuned classes) or 'new' (other classes)")
+        if which != self.eval_subset:
+            self.eval_subset = which
+            self.invalidate_cache()
+
+    def _substitutes(self) -> dict[str, torch.Tensor]:
+        subset: EvalSubset = "base" if self.training else self.eval_subset
+        if subset == "new" and self.cfg.omega_n == 0:
+            return {}  # the inner learner's own tensors: bitwise stage 1
+        build = self.base_tensors if subset == "base" else self.new_tensors
+        if torch.is_grad_enabled():
+            return build()
+        # Without autograd the tensors are reused while nothing changed: stable objects keep the inner
+        # learner's caches (e.g. PromptKD's teacher text features) valid.
+        tensors = (*self.tuned.values(), *self.tuned_buffers.buffers(), *self.stage1_tensors().values())
+        versions = tuple(v for t in tensors for v in (t._version, t.data_ptr()))
+        cached = self._frozen_substitutes.get(subset)
+        if cached is None or cached[0] != versions:
+            cached = (versions, {k: v.detach() for k, v in build().items()})
+            self._frozen_substitutes[subset] = cached
+        return cached[1]
+
+    def _run(self, method: str, *args: Any) -> Any:
+        """Call `method` of the inner learner with the active tensors substituted for its own."""
+        tensors = self._substitutes()
+        if not tensors:
+            return getattr(self.inner, method)(*args)
+        substitutes = {f"inner.{name}": tensor for name, tensor in tensors.items()}
+        return torch.func.functional_call(self.__dict__["_dispatch"], substitutes, (method, *args))
+
+    # -- the contract ----------------------------------------------------------------------------------------
+    def compute_text_features(self) -> torch.Tensor:
+        return self._run("compute_text_features")
+
+    def encode_classnames(self, names: Sequence[str]) -> torch.Tensor:
+        return self._run("encode_classnames", list(names))
+
+    def text_features(self) -> torch.Tensor:
+        return self._run("text_features")
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run("image_features", images)
+
+    def forward(self, batch: Batch) -> LearnerOutput:
+        return self._run("forward", batch)
+
+    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        library = self.picture_library()
+        generator = torch.Generator().manual_seed(
+            derive_seed(_NEGATIVE_STREAM, self.context.seed, self._epoch, self._step)
+        )
+        self._step += 1
+        negatives = select_negatives(
+            self.stage1_scores(images),
+            labels,
+            self.cfg.top_k,
+            self.cfg.min_negatives,
+            generator,
+            eligible=library.has_pictures(),
+        )
+        drawn = library.draw([c for row in negatives for c in row], generator)
+        image_features = output.image_features
+        pair_labels = labels
+        if len(drawn.labels):
+            negative_features = self.image_features(drawn.images.to(images.device, images.dtype))
+            image_features = torch.cat([image_features, negative_features.to(image_features.dtype)])
+            pair_labels = torch.cat([labels, drawn.labels.to(labels.device)])
+        class_features = output.text_features[pair_labels]
+        terms = {"dpc": symmetric_contrastive_loss(image_features, class_features, pair_labels, self.logit_scale)}
+        if self.cfg.backbone_loss_weight:
+            inner_terms = self._run("loss", batch, output)
+            terms.update({f"stage1_{k}": self.cfg.backbone_loss_weight * v for k, v in inner_terms.items()})
+        return terms
+
+    def stage1_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C] similarities of the frozen stage-1 model over the current classes (ranking only)."""
+        with torch.no_grad():
+            return self.inner.image_features(images).float() @ self.stage1_class_features().t()
+
+    def stage1_class_features(self) -> torch.Tensor:
+        """The stage-1 model's class features, encoded once per class set."""
+        device = self.clip.token_embedding.weight.device
+        key = (tuple(self.classnames), device, *(t._version for t in self.stage1_tensors().values()))
+        if self._ranking_text is None or self._ranking_text[0] != key:
+            with torch.no_grad():
+                self._ranking_text = (key, self.inner.encode_classnames(self.classnames).float())
+        return self._ranking_text[1]
+
+    def picture_library(self) -> PictureLibrary:
+        """The pictures negatives are drawn from, built once from the run's training data."""
+        if self._library is None:
+            self._library = build_picture_library(self.context, self.cfg, self.classnames, self.clip)
+        return self._library
+
+    # -- epochs, classes, state ------------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        self._epoch = epoch
+        self._step = 0
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Nothing: the inner learner is frozen, its epoch hooks belong to stage 1."""
+
+    def extra_state_buffers(self) -> dict[str, torch.Tensor]:
+        return {f"tuned_buffers.{_escape(n)}": self.tuned_buffers.get_buffer(_escape(n)) for n in self.buffer_names}
+
+    def stage1_state(self) -> dict[str, torch.Tensor]:
+        return {STAGE1_PREFIX + name: tensor.detach() for name, tensor in self.stage1_tensors().items()}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor], source: str = "state") -> None:
+        """Load P' (and, from a saved prompt, P under `stage1.`); a training checkpoint holds P' only."""
+        stage1 = {k[len(STAGE1_PREFIX) :]: v for k, v in state.items() if k.startswith(STAGE1_PREFIX)}
+        if stage1:
+            own = self.stage1_tensors()
+            if set(stage1) != set(own):
+                missing, unexpected = sorted(set(own) - set(stage1)), sorted(set(stage1) - set(own))
+                raise ValueError(
+                    f"{source}: stage-1 tensors do not match this learner (missing: {missing[:5]}, "
+                    f"unexpected: {unexpected[:5]}); was it saved over another stage-1 method or configuration?"
+                )
+            with torch.no_grad():
+                for name, tensor in own.items():
+                    if tuple(stage1[name].shape) != tuple(tensor.shape):
+                        raise ValueError(f"{source}: {STAGE1_PREFIX}{name} has shape {tuple(stage1[name].shape)}")
+                    tensor.copy_(stage1[name].to(tensor.device, tensor.dtype))
+            self.inner.invalidate_cache()
+        rest = {k: v for k, v in state.items() if not k.startswith(STAGE1_PREFIX)}
+        super().load_trainable_state(rest, source)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The prompt folder of every learner, its weights file extended with P (`stage1.`)."""
+        directory = super().save_pretrained(directory)
+        state = {**self.trainable_state(), **self.stage1_state()}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        atomic_write_with(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+        return directory
+
+    # -- the stage-1 run -----------------------------------------------------------------------------------
+    @classmethod
+    def stage1_config(cls, cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str | None] | None:
+        """The stage-1 run of `cfg` (a run config whose plug-ins include `name`): (its config, its recipe name,
+        None meaning this run's), or None when `stage1_prompt` names a saved prompt to start from."""
+        return stage1_run_config(cfg, name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def tuned_tensor_names(inner: PromptModel, also_tune: Sequence[str] = ()) -> list[str]:
+    """The inner learner's stage-1 trainable parameters, plus the frozen ones matching `also_tune` (never a
+    CLIP backbone weight), in the inner learner's order."""
+    backbone = {id(p) for module in inner.modules() if isinstance(module, CLIP) for p in module.parameters()}
+    names = [n for n, p in inner.named_parameters() if p.requires_grad and id(p) not in backbone]
+    for pattern in also_tune:
+        matched = [
+            n
+            for n, p in inner.named_parameters()
+            if fnmatch.fnmatchcase(n, pattern) and id(p) not in backbone and n not in names
+        ]
+        if not matched and not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(
+                f"plugins.dpc.also_tune: {pattern!r} matches no prompt tensor of {inner.name}; its tensors are "
+                f"{', '.join(n for n, p in inner.named_parameters() if id(p) not in backbone)[:400]}"
+            )
+        names.extend(matched)
+    if not names:
+        raise ValueError(f"dpc: {inner.name} has no tuned tensors to copy; wrap a prompt learner (coop, maple, ...)")
+    order = {n: i for i, (n, _) in enumerate(inner.named_parameters())}
+    return sorted(names, key=order.__getitem__)
+
+
+def stage1_prompt_folder(path: Path) -> Path:
+    """A saved prompt folder, given either itself or a run folder holding `prompt/`."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    if (path / "prompt" / CONFIG_FILE).is_file():
+        return path / "prompt"
+    raise ConfigError(
+        f"{path}: no stage-1 prompt here (expected {CONFIG_FILE} in it or in its prompt/ folder); run stage 1 "
+        "first or set plugins.dpc.stage1_prompt to a saved prompt"
+    )
+
+
+def load_stage1_prompt(inner: PromptModel, path: Path) -> None:
+    """Load a saved stage-1 prompt into `inner`, which must be the same method with the same config on the
+    same backbone."""
+    folder = stage1_prompt_folder(path)
+    meta = read_prompt_config(folder)
+    check_backbone(meta, inner.clip, folder)
+    wanted = inner.describe()
+    saved_method, saved_plugins = str(meta.get("method")), list(meta.get("plugins") or {})
+    if saved_method != wanted["method"] or saved_plugins != list(wanted["plugins"]):
+        saved_name = "+".join([saved_method, *saved_plugins])
+        wanted_name = "+".join([wanted["method"], *wanted["plugins"]])
+        raise ConfigError(f"{folder}: holds a {saved_name} prompt; DPC here wraps {wanted_name}")
+    differing = sorted(
+        key
+        for key in set(wanted["method_cfg"]) | set(meta.get("method_cfg") or {})
+        if (meta.get("method_cfg") or {}).get(key) != wanted["method_cfg"].get(key)
+    )
+    if differing:
+        raise ConfigError(
+            f"{folder}: the stage-1 prompt was trained with other method_cfg values ({', '.join(differing)}); "
+            "give stage 2 the same method_cfg as stage 1"
+        )
+    inner.load_trainable_state(load_file(str(folder / WEIGHTS_FILE)), source=str(folder))
+
+
+def build_picture_library(
+    context: PluginContext, cfg: DPCConfig, classnames: Sequence[str], clip: CLIP
+) -> PictureLibrary:
+    key = "full_splits" if cfg.library == "full" else None
+    splits = context.extras.get(key) if key else context.splits
+    if splits is None:
+        where = (
+            'PluginContext.extras["full_splits"] (the training classes before the few-shot draw)'
+            if key
+            else "PluginContext.splits (the run's training data)"
+        )
+        raise RuntimeError(
+            f"dpc: training needs a picture library for the hard negatives, built from {where}; build the "
+            "learner through the runner or pass that context"
+        )
+    names = [n.replace("_", " ") for n in splits.classnames]
+    if names != list(classnames):
+        raise ValueError(
+            f"dpc: the picture library's classes ({len(names)}, {splits.name}) are not the training classes "
+            f"({len(classnames)}); build it from the same class subset"
+        )
+    source = "full train split" if cfg.library == "full" else "few-shot train"
+    return PictureLibrary.from_splits(splits, clip.image_size, source=source)
+
+
+def stage1_run_config(cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str | None] | None:
+    """See `DPC.stage1_config`."""
+    dpc: DPCConfig = cfg.plugins[name]
+    if dpc.stage1_prompt:
+        return None
+    names = cfg.plugin_names
+    before = names[: names.index(name)]
+    method = "+".join([cfg.method_name, *before])
+    current = to_dict(cfg)
+    recipe: str | None = None
+    if dpc.stage1_recipe:
+        from promptclip.commands.run import resolve_recipe
+
+        path = resolve_recipe(dpc.stage1_recipe)
+        data = load_recipe(path)
+        if data.get("method", method) != method:
+            raise ConfigError(
+                f"plugins.{name}.stage1_recipe: {path} is a {data['method']} recipe; stage 1 of {cfg.method} is "
+                f"{method}"
+            )
+        data["method"] = method
+        for key in ("model", "seed", "device", "output_dir"):
+            data[key] = current[key]
+        section = dict(data.get("data") or {})
+        for key in ("dataset", "root", "shots", "subsample", "options", "num_workers", "eval_batch_size"):
+            section[key] = current["data"][key]
+        data["data"] = section
+        recipe, source = path.stem, f"plugins.{name}.stage1_recipe ({path})"
+    else:
+        data = {**current, "method": method, "plugins": {k: current["plugins"][k] for k in before}}
+        source = f"plugins.{name} (stage 1)"
+    merge_overrides(data, dpc.stage1_opts)
+    cfg1 = build_run_config(data, source=source)
+    stage1_cfg, stage2_cfg = to_dict(cfg1.method_cfg), to_dict(cfg.method_cfg)
+    differing = sorted(k for k in stage2_cfg if stage1_cfg.get(k) != stage2_cfg.get(k))
+    if differing:
+        raise ConfigError(
+            f"{source}: stage 1 would train with other method_cfg values than stage 2 loads "
+            f"({', '.join(f'{k}: {stage1_cfg.get(k)!r} vs {stage2_cfg.get(k)!r}' for k in differing)}); "
+            "make the two method_cfg sections equal"
+        )
+    return cfg1, recipe
+
+
+def merge_overrides(data: dict[str, Any], overrides: Mapping[str, Any], where: str = "plugins.dpc.stage1_opts") -> None:
+    """Merge `overrides` (nested mappings and/or dotted keys) into recipe data, in place."""
+    for key, value in overrides.items():
+        head, _, rest = str(key).partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, Mapping):
+            child = data.setdefault(head, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: {head!r} is a value, not a section")
+            merge_overrides(child, value, f"{where}.{head}")
+        else:
+            data[head] = value

@@ -1,0 +1,509 @@
+"""DAPT (decouple before align) as a plug-in: its views, its three terms, its schedule, its masks (DAPT-S from
+the data, DAPT-G from Grad-CAM) and the pass-through at test time, on a tiny random CLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from promptclip.clip.model import CLIP
+from promptclip.clip.weights import load_clip
+from promptclip.config import ConfigError, OptimConfig
+from promptclip.engine.train import Trainer
+from promptclip.methods.base import PromptModel, get_prompt_model
+from promptclip.plugins.base import wrap_with_plugins
+from promptclip.plugins.dapt import BACKGROUND_CLASSES, DAPT, DAPTConfig, DAPTOutput
+from promptclip.plugins.gradcam import gradcam_masks
+
+NAMES = ["cat", "dog", "car", "tree"]
+OTHER_NAMES = ["whale", "plane", "house", "boat"]
+BATCH = 3
+_CLIP: dict[str, CLIP] = {}
+
+
+def tiny_clip() -> CLIP:
+    if "clip" not in _CLIP:
+        torch.manual_seed(1234)
+        _CLIP["clip"] = load_clip("tiny-vit", weights="random")
+    return _CLIP["clip"]
+
+
+def make(method: str = "maple", names: list[str] = NAMES, seed: int = 0, **dapt: Any) -> DAPT:
+    configs = {"maple": {"depth": 2}, "coop": {"n_ctx": 2}, "cocoop": {}, "promptkd": {"depth_vision": 2}}
+    cfg = {"method": method, **configs.get(method, {})}
+    if method == "promptkd":
+        cfg["teacher_arch"] = ""
+    torch.manual_seed(seed)
+    learner = wrap_with_plugins(get_prompt_model(tiny_clip(), cfg, names), {"dapt": dapt})
+    assert isinstance(learner, DAPT)
+    learner.train()
+    return learner
+
+
+def make_batch(seed: int = 0, with_mask: bool = True) -> dict[str, Any]:
+    generator = torch.Generator().manual_seed(seed)
+    batch: dict[str, Any] = {
+        "image": torch.randn(BATCH, 3, 32, 32, generator=generator),
+        "label": torch.tensor([0, 1, 3]),
+    }
+    if with_mask:
+        batch["mask"] = (torch.rand(BATCH, 1, 32, 32, generator=generator) > 0.5).float()
+    return batch
+
+
+class InnerCalls:
+    """Records the images of every forward of the inner learner."""
+
+    def __init__(self, learner: DAPT) -> None:
+        self.images: list[torch.Tensor] = []
+        self.handle = learner.inner.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: tuple[Any, ...]) -> None:
+        self.images.append(args[0]["image"].detach().clone())
+
+    def __enter__(self) -> InnerCalls:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def grads(learner: PromptModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = learner.trainable_parameters()
+    values = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), values, strict=True)}
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_official_settings() -> None:
+    cfg = DAPTConfig()
+    assert (cfg.pull_push_weight, cfg.foreground_weight, cfg.background_weight, cfg.margin) == (0.8, 0.1, 0.5, 1.5)
+    assert (cfg.schedule, cfg.switch_epoch, cfg.mask_source, cfg.fill) == ("official", 7, "data", "mean")
+    assert cfg.background_template == "a clean origami {}."
+    assert len(cfg.background_classes) == 25 and cfg.background_classes[:3] == ["ground", "land", "grass"]
+    assert (cfg.gradcam_threshold, cfg.gradcam_refresh) == (0.5, "epoch")
+
+
+def test_bad_settings_are_refused_with_the_field_named() -> None:
+    with pytest.raises(ValueError, match="pull_push_weight"):
+        make(pull_push_weight=-1.0)
+    with pytest.raises(ValueError, match="background_template"):
+        make(background_template="origami")
+    with pytest.raises(ConfigError, match=r"plugins\.dapt\.weight"):
+        make(weight=1.0)
+    torch.manual_seed(0)
+    resnet = get_prompt_model(load_clip("tiny-rn", weights="random"), {"method": "coop", "n_ctx": 2}, NAMES)
+    with pytest.raises(ValueError, match="ResNet"):
+        wrap_with_plugins(resnet, {"dapt": {"mask_source": "gradcam"}})
+
+
+# -- the views -----------------------------------------------------------------------------------------------
+
+
+def test_whole_foreground_and_background_go_through_one_batched_forward() -> None:
+    learner = make()
+    batch = make_batch()
+    x, m = batch["image"], batch["mask"]
+    with InnerCalls(learner) as calls:
+        output = learner(batch)
+    assert len(calls.images) == 1
+    (views,) = calls.images
+    assert torch.equal(views, torch.cat([x, x * m, x * (1 - m)]))
+    assert isinstance(output, DAPTOutput)
+    assert output.logits.shape == (BATCH, len(NAMES))
+    assert torch.allclose(output.image_features, learner.inner.image_features(x), atol=1e-5)
+    assert torch.allclose(output.foreground_features, learner.inner.image_features(x * m), atol=1e-5)
+    assert torch.allclose(output.background_features, learner.inner.image_features(x * (1 - m)), atol=1e-5)
+
+
+def test_black_fill_puts_black_pixels_where_the_mask_removes() -> None:
+    learner = make(fill="black")
+    batch = make_batch()
+    with InnerCalls(learner) as calls:
+        learner(batch)
+    background = calls.images[0][2 * BATCH :]
+    black = (torch.zeros(3) - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]
+    )
+    removed = batch["mask"].expand(-1, 3, -1, -1).bool()  # the object is removed from the background view
+    expected = black.view(1, 3, 1, 1).expand_as(background)
+    assert torch.allclose(background[removed], expected[removed])
+    assert torch.equal(background[~removed], batch["image"][~removed])
+
+
+# -- the three terms -----------------------------------------------------------------------------------------
+
+
+def test_pull_push_gradient_reaches_only_the_whole_image_branch() -> None:
+    learner = make()  # epoch 0 of the official schedule: pull-push
+    batch = make_batch()
+    output = learner(batch)
+    for features in (output.image_features, output.foreground_features, output.background_features):
+        features.retain_grad()
+    losses = learner.loss(batch, output)
+    assert set(losses) == {"ce", "dapt_pull_push"}
+    pull_push = losses["dapt_pull_push"]
+    whole, fg, bg = output.image_features, output.foreground_features, output.background_features
+    hinge = (whole - fg).norm(dim=-1) - (whole - bg).norm(dim=-1) + 1.5
+    assert torch.allclose(pull_push, 0.8 * hinge.clamp(min=0).mean(), atol=1e-5)
+    got = grads(learner, pull_push)
+    pull_push.backward()
+    assert output.image_features.grad is not None and output.image_features.grad.abs().sum() > 0
+    assert output.foreground_features.grad is None and output.background_features.grad is None
+    # The same gradient as a pull-push whose foreground and background are constants.
+    inner, x, m = learner.inner, batch["image"], batch["mask"]
+    with torch.no_grad():
+        constant_fg, constant_bg = inner.image_features(x * m), inner.image_features(x * (1 - m))
+    reference = 0.8 * F.triplet_margin_loss(inner.image_features(x), constant_fg, constant_bg, margin=1.5)
+    expected = grads(learner, reference)
+    assert any(g.abs().sum() > 0 for g in expected.values())
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-6), name
+
+
+def test_foreground_alignment_trains_only_the_class_prompts() -> None:
+    learner = make(schedule="joint", pull_push_weight=0.0, background_weight=0.0)
+    batch = make_batch()
+    output = learner(batch)
+    losses = learner.loss(batch, output)
+    assert set(losses) == {"ce", "dapt_fg"}
+    text = learner.inner.text_features()
+    logits = learner.logit_scale * output.foreground_features @ text.t()
+    assert torch.allclose(losses["dapt_fg"], 0.1 * F.cross_entropy(logits, batch["label"]), atol=1e-5)
+    got = grads(learner, losses["dapt_fg"])
+    assert got["inner.text.ctx"].abs().sum() > 0
+    vision_only = [name for name in got if name.startswith("inner.couplings")]
+    assert vision_only and all(got[name].abs().sum() == 0 for name in vision_only)
+
+
+def background_sentences() -> list[str]:
+    return [f"a clean origami {name}." for name in BACKGROUND_CLASSES]
+
+
+def test_background_alignment_uses_only_the_background_columns() -> None:
+    learner = make(schedule="joint", pull_push_weight=0.0, foreground_weight=0.0)
+    batch = make_batch()
+    output = learner(batch)
+    losses = learner.loss(batch, output)
+    assert output.logits.shape[1] == len(NAMES)  # no background (or table-top) columns among the classes
+    background_text = learner.inner.encode_sentences(background_sentences())
+    logits = learner.logit_scale * output.background_features @ background_text.t()
+    assert logits.shape[1] == 25
+    assert torch.allclose(losses["dapt_bg"], 0.5 * F.cross_entropy(logits, logits.argmax(dim=-1)), atol=1e-5)
+    # The same prompts with other class names: the class loss changes, the background loss does not.
+    other = make(names=OTHER_NAMES, schedule="joint", pull_push_weight=0.0, foreground_weight=0.0)
+    other.load_trainable_state(learner.trainable_state())
+    other_losses = other.loss(batch, other(batch))
+    assert torch.allclose(other_losses["dapt_bg"], losses["dapt_bg"], atol=1e-6)
+    assert not torch.allclose(other_losses["ce"], losses["ce"])
+
+
+def test_background_classes_and_their_encoding_are_configurable() -> None:
+    learner = make(background_classes=["grass", "sky"], background_template="a photo of {}.")
+    expected = learner.inner.encode_sentences(["a photo of grass.", "a photo of sky."])
+    assert torch.allclose(learner.background_text_features(), expected)
+    coop = make("coop", background_classes=["grass", "sky"])
+    assert coop.background_text_mode() == "classnames"
+    assert torch.allclose(coop.background_text_features(), coop.inner.encode_classnames(["grass", "sky"]))
+    frozen = make("coop", background_text="frozen", background_classes=["grass"])
+    from promptclip.clip.tokenizer import tokenize
+
+    reference = F.normalize(tiny_clip().encode_text(tokenize(["a clean origami grass."])), dim=-1)
+    assert torch.allclose(frozen.background_text_features(), reference, atol=1e-6)
+    torch.manual_seed(0)
+    csc = wrap_with_plugins(
+        get_prompt_model(tiny_clip(), {"method": "coop", "n_ctx": 2, "csc": True}, NAMES), {"dapt": {}}
+    )
+    with pytest.raises(ValueError, match="background_text frozen"):
+        csc.background_text_features()
+
+
+# -- the schedule --------------------------------------------------------------------------------------------
+
+
+def test_official_schedule_switches_from_pull_push_to_alignment() -> None:
+    learner = make()
+    batch = make_batch()
+    for epoch, expected in (
+        (0, {"ce", "dapt_pull_push"}),
+        (6, {"ce", "dapt_pull_push"}),
+        (7, {"ce", "dapt_fg", "dapt_bg"}),
+    ):
+        learner.on_epoch_start(epoch, 10)
+        assert set(learner.loss(batch, learner(batch))) == expected, epoch
+    joint = make(schedule="joint")
+    joint.on_epoch_start(0, 10)
+    assert set(joint.loss(batch, joint(batch))) == {"ce", "dapt_pull_push", "dapt_fg", "dapt_bg"}
+    assert make(switch_epoch=2).active_terms(2) == ("dapt_fg", "dapt_bg")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_run_follows_the_schedule_and_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    from promptclip.data.datasets import build_dataset
+    from promptclip.data.loader import build_loader
+    from promptclip.engine.checkpoint import seed_everything
+
+    splits = build_dataset("synthetic_shapes", train_per_class=1, val_per_class=1, test_per_class=1, image_size=32)
+    cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
+
+    def run(run_dir: Path, resume: bool, callbacks: Any = ()) -> Trainer:
+        seed_everything(1)
+        learner = make(names=splits.classnames, switch_epoch=1)
+        loader = build_loader(splits, "train", batch_size=5, image_size=32, seed=3, with_masks=True)
+        trainer = Trainer(learner, loader, cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
+        trainer.fit(resume=resume)
+        return trainer
+
+    def stop_after_first(epoch: int, trainer: Trainer) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    straight = run(tmp_path / "straight", resume=False)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", resume=False, callbacks=[stop_after_first])
+    resumed = run(tmp_path / "cut", resume=True)
+    lines = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [("dapt_pull_push" in r, "dapt_fg" in r, "dapt_bg" in r) for r in lines] == [
+        (True, False, False),
+        (False, True, True),
+        (False, True, True),
+    ]
+    for name, tensor in straight.learner.trainable_state().items():
+        assert torch.equal(resumed.learner.trainable_state()[name], tensor), name
+
+
+# -- masks ---------------------------------------------------------------------------------------------------
+
+
+def test_dapt_g_masks_are_computed_on_the_steps_own_images() -> None:
+    learner = make(mask_source="gradcam", gradcam_refresh="step")
+    batch = make_batch(with_mask=False)  # DAPT-G needs no mask from the data
+    x = batch["image"]
+    expected = gradcam_masks(learner.inner, x, batch["label"])
+    assert 0 < expected.sum() < expected.numel()
+    assert learner.training
+    with InnerCalls(learner) as calls:
+        learner(batch)
+    views = calls.images[-1]
+    assert torch.equal(views, torch.cat([x, x * expected, x * (1 - expected)]))
+    # A different crop of the same images (here: flipped) gets its own masks, computed on that crop.
+    flipped = {**batch, "image": x.flip(-1)}
+    with InnerCalls(learner) as calls:
+        learner(flipped)
+    flipped_masks = gradcam_masks(learner.inner, x.flip(-1), batch["label"])
+    assert torch.equal(calls.images[-1][BATCH : 2 * BATCH], x.flip(-1) * flipped_masks)
+
+
+def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start() -> None:
+    learner = make(mask_source="gradcam")
+    batch = make_batch(seed=2, with_mask=False)
+    learner.on_epoch_start(0, 5)
+    at_start = {k: v.clone() for k, v in learner.inner.trainable_state().items()}
+    with torch.no_grad():  # the steps of the epoch move the prompts far
+        for tensor in learner.inner.trainable_parameters().values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(9)))
+    moved = {k: v.clone() for k, v in learner.inner.trainable_state().items()}
+    current_masks = gradcam_masks(learner.inner, batch["image"], batch["label"])
+    snapshot = make(mask_source="gradcam")
+    snapshot.inner.load_trainable_state(at_start)
+    start_masks = gradcam_masks(snapshot.inner, batch["image"], batch["label"])
+    assert not torch.equal(current_masks, start_masks)
+    with InnerCalls(learner) as calls:
+        learner(batch)
+    assert torch.equal(calls.images[-1][BATCH : 2 * BATCH], batch["image"] * start_masks)
+    for name, tensor in learner.inner.trainable_state().items():  # and the current prompts are back
+        assert torch.equal(tensor, moved[name]), name
+
+
+def test_test_time_needs_no_masks() -> None:
+    for source in ("data", "gradcam"):
+        learner = make(mask_source=source)
+        learner.train()
+        learner.loss(make_batch(), learner(make_batch()))
+        learner.eval()
+        for batch in (make_batch(with_mask=False), make_batch()):
+            with torch.no_grad(), InnerCalls(learner) as calls:
+                logits = learner(batch).logits
+                inner_logits = learner.inner(batch).logits
+            assert torch.equal(logits, inner_logits)
+            assert [images.shape[0] for images in calls.images] == [BATCH, BATCH]  # no extra views, no Grad-CAM
+    learner = make()
+    with torch.no_grad():  # a forward without autograd is no training step either
+        assert not isinstance(learner(make_batch()), DAPTOutput)
+
+
+def test_a_run_trains_with_masks_and_evaluates_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptclip.cli import main
+
+    seen: list[tuple[bool, bool]] = []
+    original = DAPT.forward
+
+    def recording(self: DAPT, batch: Any) -> Any:
+        seen.append((self.training, "mask" in batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(DAPT, "forward", recording)
+    recipe = {
+        "method": "maple+dapt",
+        "method_cfg": {"depth": 2},
+        "plugins": {"dapt": {"schedule": "joint"}},
+        "model": {"arch": "tiny-vit", "weights": "random", "precision": "fp32"},
+        "data": {
+            "dataset": "synthetic_shapes",
+            "shots": 1,
+            "batch_size": 5,
+            "eval_batch_size": 10,
+            "options": {"train_per_class": 1, "val_per_class": 1, "test_per_class": 1, "image_size": 32},
+        },
+        "optim": {"lr": 0.002, "epochs": 1},
+        "device": "cpu",
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["train", "--recipe", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run"), "--quiet"]
+    assert main([*argv, "--runs-dir", str(tmp_path)]) == 0
+    assert (True, True) in seen and (False, True) not in seen and (False, False) in seen
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"dapt_pull_push", "dapt_fg", "dapt_bg"} <= set(metrics[0])
+
+
+def test_dapt_s_reads_mask_files_and_a_missing_mask_stops_the_run(tmp_path: Path) -> None:
+    from promptclip.cli import main
+    from promptclip.data.synthetic import build_task, export_task
+
+    task = build_task("synthetic_shapes", train_per_class=2, val_per_class=0, test_per_class=2, image_size=32)
+    dataset_dir = export_task(task, tmp_path / "data")
+    recipe = {
+        "method": "coop+dapt",
+        "method_cfg": {"n_ctx": 2},
+        "plugins": {"dapt": {"schedule": "joint", "mask": {"mask_dir": str(dataset_dir / "mask")}}},
+        "model": {"arch": "tiny-vit", "weights": "random", "precision": "fp32"},
+        "data": {"dataset": "folder", "root": str(dataset_dir / "images"), "shots": 0, "batch_size": 8},
+        "optim": {"lr": 0.002, "epochs": 1},
+        "device": "cpu",
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    argv = ["train", "--recipe", str(tmp_path / "recipe.yaml"), "--runs-dir", str(tmp_path), "--quiet"]
+    assert main([*argv, "--output", str(tmp_path / "run")]) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert f"mask files in {dataset_dir / 'mask'}" in log
+    assert "dapt_fg" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # Grad-CAM masks precomputed by `promptclip masks gradcam` are read the same way.
+    from promptclip.clip.weights import save_clip
+
+    save_clip(tiny_clip(), tmp_path / "tiny.safetensors")
+    cams = tmp_path / "cams"
+    command = ["masks", "gradcam", "--dataset", "folder", "--root", str(dataset_dir / "images"), "--out", str(cams)]
+    assert main([*command, "--arch", str(tmp_path / "tiny.safetensors"), "--device", "cpu", "--no-progress"]) == 0
+    with_cams = ["--opts", "plugins.dapt.mask.mask_dir", str(cams)]
+    assert main([*argv, "--output", str(tmp_path / "run-cams"), *with_cams]) == 0
+    assert f"mask files in {cams}" in (tmp_path / "run-cams" / "log.txt").read_text()
+    # Masks that are not there: the run stops before training and says which are missing.
+    missing = ["--opts", "plugins.dapt.mask.mask_dir", str(tmp_path / "nowhere")]
+    assert main([*argv, "--output", str(tmp_path / "run-missing"), *missing]) == 2
+    assert not (tmp_path / "run-missing" / "results.json").exists()
+
+
+# -- saving, other learners ----------------------------------------------------------------------------------
+
+
+def test_a_saved_prompt_records_the_plug_in_and_its_settings(tmp_path: Path) -> None:
+    learner = make(mask_source="gradcam", schedule="joint", background_classes=["grass", "sky"], margin=1.0)
+    learner.loss(make_batch(), learner(make_batch()))
+    learner.save_pretrained(tmp_path / "prompt")
+    saved = json.loads((tmp_path / "prompt" / "prompt_config.json").read_text())
+    assert saved["method"] == "maple"
+    assert saved["plugins"]["dapt"]["background_classes"] == ["grass", "sky"]
+    loaded = PromptModel.from_pretrained(tiny_clip(), tmp_path / "prompt")
+    assert isinstance(loaded, DAPT) and loaded.describe()["method"] == "maple"
+    assert loaded.cfg == learner.cfg
+
+
+def test_image_conditioned_learners_get_foreground_conditioned_class_features() -> None:
+    learner = make("cocoop", schedule="joint")
+    batch = make_batch()
+    output = learner(batch)
+    assert output.text_features.shape == (BATCH, len(NAMES), tiny_clip().config.embed_dim)
+    assert output.foreground_text_features.shape == output.text_features.shape
+    with torch.no_grad():
+        per_image = learner.inner({"image": batch["image"] * batch["mask"]}).text_features
+    assert torch.allclose(output.foreground_text_features, per_image, atol=1e-5)
+    assert torch.isfinite(sum(learner.loss(batch, output).values()))
+
+
+def test_transductive_learners_never_read_the_labels() -> None:
+    # PromptKD trains on unlabelled images of every class: DAPT uses the whole image's prediction instead.
+    batch = make_batch()
+    relabelled = {**batch, "label": (batch["label"] + 1) % len(NAMES)}
+    for source in ("data", "gradcam"):
+        learner = make("promptkd", mask_source=source, schedule="joint")
+        assert not learner.uses_labels
+        first = learner.loss(batch, learner(batch))
+        learner = make("promptkd", mask_source=source, schedule="joint")  # fresh batch-norm statistics
+        second = learner.loss(relabelled, learner(relabelled))
+        assert first.keys() == second.keys() and "dapt_fg" in first
+        for name in first:
+            assert torch.allclose(first[name], second[name]), (source, name)
+    labelled = make("maple", schedule="joint")
+    assert labelled.uses_labels
+    assert not torch.allclose(
+        labelled.loss(batch, labelled(batch))["dapt_fg"], labelled.loss(relabelled, labelled(relabelled))["dapt_fg"]
+    )
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_dapt/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
+def test_recipes_carry_the_official_dapt_settings(recipe: Path) -> None:
+    from promptclip.config import load_run_config
+
+    cfg = load_run_config(recipe)
+    assert cfg.plugin_names == ["dapt"]
+    dapt = cfg.plugins["dapt"]
+    assert (dapt.pull_push_weight, dapt.foreground_weight, dapt.background_weight, dapt.margin) == (0.8, 0.1, 0.5, 1.5)
+    assert (dapt.schedule, dapt.switch_epoch) == ("official", 7)
+    assert dapt.background_classes == list(BACKGROUND_CLASSES)
+    assert cfg.optim.warmup_epochs == 1 and cfg.optim.warmup_lr == 1e-5
+    if cfg.method_name == "maple":
+        few_shot = "vit_b16_t" in recipe.stem
+        assert (cfg.optim.lr, cfg.optim.epochs) in ((0.0035, 10 if few_shot else 5), (0.0026, 2))
+        assert cfg.data.batch_size == (1 if recipe.stem == "vit_b16_base" else 4)
+
+
+def test_the_comparison_script_measures_what_the_runs_measured(tmp_path: Path) -> None:
+    import sys
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        import dapt_compare
+    finally:
+        sys.path.remove(str(benchmarks))
+    from promptclip.data.synthetic import build_task
+
+    argv = ["--arch", "tiny-vit", "--weights", "random", "--seeds", "1", "--epochs", "1", "--shots", "1"]
+    argv += ["--train-per-class", "1", "--test-per-class", "2", "--variants", "maple,dapt-g", "--device", "cpu"]
+    args = dapt_compare.parse_args([*argv, "--runs-dir", str(tmp_path)])
+    dapt_compare.main([*argv, "--runs-dir", str(tmp_path)])
+    task = build_task("synthetic_objects", train_per_class=1, val_per_class=1, test_per_class=2, image_size=32)
+    aligned = sum(s.spec.scene == task.scene_of_class[s.label] for s in task.test)
+    for name in ("maple", "dapt-g"):
+        folder = dapt_compare.run_dir(args, name, 1)
+        results = json.loads((folder / "results.json").read_text())
+        assert results["method"] == dapt_compare.VARIANTS[name].method
+        found = dapt_compare.diagnose(folder, args)
+        overall = (aligned * found.aligned + (len(task.test) - aligned) * found.conflicting) / len(task.test)
+        assert overall == pytest.approx(results["evaluations"]["all"]["accuracy"], abs=1e-3)
+        assert found.accuracy == pytest.approx(results["evaluations"]["all"]["accuracy"], abs=1e-3)
+        assert 0 <= found.cam_iou <= 100

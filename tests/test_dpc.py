@@ -1,0 +1,442 @@
+"""DPC over every kind of tuned learner: P' starts as an exact copy of P, base predictions start at stage 1's,
+new-class predictions with omega_n = 0 stay bitwise stage 1's, the weighting-decoupling algebra, the
+hard-negative loss, saving, the stage-1 hook and a two-stage run through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from dpc_cases import dpc_builder, picture_splits, stage1_learner
+
+from promptclip.clip.model import CLIP
+from promptclip.clip.weights import load_clip
+from promptclip.config import ConfigError, build_run_config
+from promptclip.engine.evaluate import evaluate
+from promptclip.methods.base import PromptModel
+from promptclip.plugins.base import PluginContext, PluginModel
+from promptclip.plugins.dpc import DPC, DPCConfig
+from promptclip.protocols.runner import set_eval_subset, stage1_run_dir
+
+CLASSES = ["cat", "dog", "car", "tree", "boat"]
+OTHER = ["plane", "house", "fish"]
+TEMPLATE = "a photo of a {}."
+BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
+    "coop": ("coop", {"n_ctx": 4}),
+    "kgcoop": ("kgcoop", {}),
+    "maple": ("maple", {"depth": 2}),
+    "ivlp": ("ivlp", {"depth_text": 2, "depth_vision": 2}),
+    "promptsrc": ("promptsrc", {"depth_text": 2, "depth_vision": 2}),
+    "promptkd": ("promptkd", {"depth_vision": 2, "teacher_arch": ""}),
+}
+_CLIP: list[CLIP] = []
+
+
+def tiny_clip() -> CLIP:
+    if not _CLIP:
+        torch.manual_seed(1234)
+        _CLIP.append(load_clip("tiny-vit", weights="random"))
+    return _CLIP[0]
+
+
+Backbone = str | tuple[str, dict[str, Any]]  # a name in BACKBONES, or (method, method_cfg)
+
+
+def build_dpc(backbone: Backbone, classnames: list[str] = CLASSES, **cfg: Any) -> DPC:
+    method, method_cfg = BACKBONES[backbone] if isinstance(backbone, str) else backbone
+    learner = dpc_builder(method, method_cfg, **cfg)(tiny_clip(), classnames, TEMPLATE)
+    assert isinstance(learner, DPC)
+    return learner
+
+
+def build_stage1(backbone: Backbone, classnames: list[str] = CLASSES) -> PromptModel:
+    method, method_cfg = BACKBONES[backbone] if isinstance(backbone, str) else backbone
+    return stage1_learner(tiny_clip(), classnames, TEMPLATE, method, method_cfg)
+
+
+def make_batch(labels: list[int], seed: int = 0) -> dict[str, Any]:
+    size = tiny_clip().image_size
+    images = torch.randn(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return {"image": images, "label": torch.tensor(labels), "index": torch.arange(len(labels))}
+
+
+def logits(learner: PromptModel, batch: dict[str, Any]) -> torch.Tensor:
+    learner.eval()
+    with torch.no_grad():
+        return learner(batch).logits
+
+
+def train_steps(learner: PromptModel, steps: int = 2, lr: float = 0.5) -> None:
+    optimizer = torch.optim.SGD(list(learner.trainable_parameters().values()), lr=lr, momentum=0.9)
+    learner.train()
+    for step in range(steps):
+        batch = make_batch([0, 1, 1, 3], seed=10 + step)
+        output = learner(batch)
+        optimizer.zero_grad()
+        sum(learner.loss(batch, output).values()).backward()  # type: ignore[union-attr]
+        optimizer.step()
+
+
+# -- P' at the start of stage 2 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weighting", ["reparam", "mixed"])
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_parallel_prompt_starts_as_an_exact_copy_of_every_tensor_at_every_depth(backbone: str, weighting: str) -> None:
+    dpc = build_dpc(backbone, weighting=weighting)
+    stage1 = build_stage1(backbone)
+    expected = set(stage1.trainable_parameters())
+    assert set(dpc.tuned_names) == expected
+    deep = [name for name in expected if ".deep." in name or name.startswith("couplings.1")]
+    if backbone in ("maple", "ivlp", "promptsrc", "promptkd"):
+        assert deep, "the deep prompts must be among the tuned tensors"
+    reference = {**stage1.trainable_parameters(), **stage1.extra_state_buffers()}
+    for tensors in (dpc.tuned_tensors(), dpc.base_tensors(), dpc.new_tensors()):
+        assert set(tensors) == set(reference)
+        for name, tensor in tensors.items():
+            assert torch.equal(tensor, reference[name]), f"P' differs from P at {name}"
+    for name in dpc.tuned_names:
+        stored = dpc.tuned[name.replace(".", "__")]
+        assert stored.requires_grad and stored.data_ptr() != dpc.inner.get_parameter(name).data_ptr()
+        assert not dpc.inner.get_parameter(name).requires_grad
+    assert set(dpc.trainable_parameters()) == {"tuned." + n.replace(".", "__") for n in dpc.tuned_names}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_base_predictions_before_the_first_step_are_stage1s(backbone: str) -> None:
+    dpc = build_dpc(backbone)
+    stage1 = build_stage1(backbone)
+    batch = make_batch([0, 1, 2, 3, 4])
+    assert torch.equal(logits(dpc, batch), logits(stage1, batch))
+    assert evaluate(dpc, [batch]).correct == evaluate(stage1, [batch]).correct
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_new_class_predictions_with_omega_n_zero_are_bitwise_stage1s(backbone: str) -> None:
+    dpc = build_dpc(backbone, omega_b=0.5)
+    train_steps(dpc)
+    batch = make_batch([0, 1, 2])
+    stage1 = build_stage1(backbone, OTHER)
+    dpc.set_classnames(OTHER)
+    dpc.set_eval_subset("new")
+    assert torch.equal(logits(dpc, batch), logits(stage1, batch))
+    dpc.set_eval_subset("base")
+    assert not torch.equal(logits(dpc, batch), logits(stage1, batch)), "P' did not move in training"
+
+
+def test_omega_n_mixes_the_two_prompts_for_new_classes() -> None:
+    dpc = build_dpc("coop", omega_n=1.0)
+    train_steps(dpc)
+    batch = make_batch([0, 1, 2])
+    dpc.set_eval_subset("base")
+    base = logits(dpc, batch)
+    dpc.set_eval_subset("new")
+    assert torch.equal(logits(dpc, batch), base)  # omega_n = 1: the tuned prompt itself
+    dpc.cfg.omega_n = 0.25
+    tuned, stage1 = dpc.tuned_tensors()["ctx"], dpc.stage1_tensors()["ctx"]
+    assert torch.allclose(dpc.new_tensors()["ctx"], stage1 + 0.25 * (tuned - stage1))
+
+
+def test_reparametrisation_divides_the_gradient_by_omega_b() -> None:
+    batch = make_batch([0, 1, 3])
+    grads = {}
+    for omega_b in (1.0, 0.25):
+        dpc = build_dpc("coop", omega_b=omega_b)
+        dpc.train()
+        sum(dpc.loss(batch, dpc(batch)).values()).backward()  # type: ignore[union-attr]
+        grads[omega_b] = dpc.tuned["ctx"].grad.clone()
+    assert grads[1.0].abs().sum() > 0
+    assert torch.allclose(grads[0.25], grads[1.0] / 0.25, rtol=1e-4, atol=1e-7)
+
+
+def test_reparametrised_tuned_prompt_follows_the_official_formula() -> None:
+    dpc = build_dpc("maple", omega_b=0.2)
+    train_steps(dpc)
+    for name in dpc.tuned_names:
+        theta, stage1 = dpc.tuned[name.replace(".", "__")], dpc.stage1_tensors()[name]
+        assert torch.allclose(dpc.tuned_tensors()[name], (theta - 0.8 * stage1) / 0.2, atol=1e-5)
+        assert torch.equal(dpc.base_tensors()[name], dpc.tuned_tensors()[name])
+
+
+def test_mixed_weighting_trains_and_predicts_base_with_the_mixed_prompt() -> None:
+    dpc = build_dpc("maple", weighting="mixed", omega_b=0.3, reparametrize=["text.*"])
+    train_steps(dpc)
+    stage1, tuned, base = dpc.stage1_tensors(), dpc.tuned_tensors(), dpc.base_tensors()
+    for name in dpc.tuned_names:
+        if name.startswith("text."):
+            assert torch.allclose(base[name], stage1[name] + 0.3 * (tuned[name] - stage1[name]), atol=1e-6)
+            assert not torch.equal(base[name], tuned[name])
+        else:  # not weighted: trained and used directly
+            assert torch.equal(base[name], tuned[name])
+
+
+# -- the hard-negative optimizer inside DPC --------------------------------------------------------------------
+
+
+def test_negatives_never_include_a_ground_truth_class_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    dpc = build_dpc("coop", top_k=4, min_negatives=2)
+    library = dpc.picture_library()
+    seen: list[list[int]] = []
+    draw = library.draw
+    monkeypatch.setattr(library, "draw", lambda classes, generator=None: seen.append(list(classes)) or draw(classes))
+    dpc.train()
+    for seed in range(6):
+        labels = [seed % 5, seed % 5, (seed + 1) % 5]  # a repeated class among the anchors
+        batch = make_batch(labels, seed=seed)
+        terms = dpc.loss(batch, dpc(batch))
+        assert set(terms) == {"dpc"} and torch.isfinite(terms["dpc"])
+        assert seen[-1] and not set(seen[-1]) & set(labels)
+        assert len(seen[-1]) == len(set(seen[-1]))
+
+
+def test_the_frozen_stage1_model_ranks_with_class_features_encoded_once() -> None:
+    dpc = build_dpc("maple")
+    batch = make_batch([0, 1, 2])
+    before = dpc.stage1_scores(batch["image"])
+    features = dpc.stage1_class_features()
+    train_steps(dpc, steps=3)
+    assert dpc.stage1_class_features() is features
+    assert torch.equal(dpc.stage1_scores(batch["image"]), before)
+    stage1 = build_stage1("maple")
+    with torch.no_grad():
+        expected = stage1.image_features(batch["image"]) @ stage1.encode_classnames(CLASSES).t()
+    assert torch.allclose(before, expected, atol=1e-6)
+
+
+def test_backbone_losses_can_run_beside_the_contrastive_loss() -> None:
+    dpc = build_dpc("promptsrc", backbone_loss_weight=0.5)
+    batch = make_batch([0, 1, 2])
+    dpc.train()
+    terms = dpc.loss(batch, dpc(batch))
+    assert {"dpc", "stage1_ce", "stage1_scl_text"} <= set(terms)
+
+
+def test_the_full_library_needs_the_full_training_split() -> None:
+    dpc = build_dpc("coop", library="full")
+    batch = make_batch([0, 1])
+    dpc.train()
+    with pytest.raises(RuntimeError, match="full_splits"):
+        dpc.loss(batch, dpc(batch))
+    dpc.context.extras["full_splits"] = picture_splits(CLASSES, per_class=5)
+    assert len(dpc.picture_library()) == 25
+
+
+# -- configuration, saving, stage-1 loading --------------------------------------------------------------------
+
+
+def test_bad_configurations_are_refused() -> None:
+    with pytest.raises(ConfigError, match="omega_b"):
+        build_dpc("coop", omega_b=0.0)
+    with pytest.raises(ConfigError, match="also_tune"):
+        build_dpc("promptkd", also_tune=["teacher.text.*"])  # a zero-shot teacher has no prompts
+    cocoop = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "cocoop", {})
+    with pytest.raises(ValueError, match="per-image"):
+        DPC(cocoop, DPCConfig())
+
+
+def test_eval_subset_is_explicit_and_reaches_through_other_plugins() -> None:
+    dpc = build_dpc("coop")
+    assert dpc.eval_subset == "base"
+    outer = PluginModel(dpc, DPCConfig())
+    set_eval_subset(outer, "new")
+    assert dpc.eval_subset == "new"
+    with pytest.raises(ValueError, match="base"):
+        dpc.set_eval_subset("novel")  # type: ignore[arg-type]
+
+
+def test_saved_prompt_holds_stage1_and_predicts_without_the_stage1_folder(tmp_path: Path) -> None:
+    dpc = build_dpc("promptkd", omega_b=0.5)
+    train_steps(dpc)
+    batch = make_batch([0, 1, 2])
+    base = logits(dpc, batch)
+    dpc.save_pretrained(tmp_path / "prompt")
+    torch.manual_seed(99)
+    loaded = PromptModel.from_pretrained(tiny_clip(), tmp_path / "prompt")
+    assert isinstance(loaded, DPC)
+    assert torch.equal(logits(loaded, batch), base)
+    loaded.set_classnames(OTHER)
+    loaded.set_eval_subset("new")
+    assert torch.equal(logits(loaded, batch), logits(build_stage1("promptkd", OTHER), batch))
+
+
+def test_stage1_prompt_is_loaded_from_its_run_folder(tmp_path: Path) -> None:
+    stage1 = build_stage1("maple")
+    stage1.save_pretrained(tmp_path / "run" / "prompt")
+    fresh = build_stage1("maple")
+    with torch.no_grad():
+        for tensor in fresh.trainable_parameters().values():
+            tensor.normal_()
+    context = PluginContext(splits=picture_splits(CLASSES), extras={"stage1_dir": tmp_path / "run"})
+    dpc = DPC(fresh, DPCConfig(), context)
+    for name, tensor in stage1.trainable_parameters().items():
+        assert torch.equal(dpc.tuned_tensors()[name], tensor) and torch.equal(dpc.stage1_tensors()[name], tensor)
+    other = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "maple", {"depth": 1})
+    with pytest.raises(ConfigError, match="depth"):
+        DPC(other, DPCConfig(), context)
+    coop = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "coop", {"n_ctx": 2})
+    with pytest.raises(ConfigError, match="maple prompt"):
+        DPC(coop, DPCConfig(), context)
+    with pytest.raises(ConfigError, match="no stage-1 prompt"):
+        DPC(coop, DPCConfig(), PluginContext(extras={"stage1_dir": tmp_path / "missing"}))
+
+
+def run_config(**dpc: Any) -> Any:
+    return build_run_config(
+        {
+            "method": "coop+dpc",
+            "method_cfg": {"n_ctx": 4},
+            "plugins": {"dpc": dpc},
+            "model": {"arch": "tiny-vit", "weights": "random"},
+            "data": {"dataset": "synthetic_shapes", "shots": 2, "batch_size": 4},
+            "optim": {"epochs": 20, "lr": 0.002},
+            "seed": 3,
+        }
+    )
+
+
+def test_stage1_config_is_this_run_without_dpc_plus_its_overrides(tmp_path: Path) -> None:
+    cfg1, recipe = DPC.stage1_config(run_config(stage1_opts={"optim.epochs": 5, "data": {"batch_size": 8}}))
+    assert cfg1.method == "coop" and cfg1.plugins == {} and recipe is None
+    assert (cfg1.optim.epochs, cfg1.data.batch_size, cfg1.seed, cfg1.data.dataset) == (5, 8, 3, "synthetic_shapes")
+    recipe_file = tmp_path / "coop_stage1.yaml"
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "method": "coop",
+                "method_cfg": {"n_ctx": 4},
+                "data": {"batch_size": 32, "dataset": "imagenet"},
+                "optim": {"epochs": 50},
+            }
+        )
+    )
+    cfg1, recipe = DPC.stage1_config(run_config(stage1_recipe=str(recipe_file)))
+    assert recipe == "coop_stage1" and cfg1.optim.epochs == 50 and cfg1.data.batch_size == 32
+    assert cfg1.data.dataset == "synthetic_shapes" and cfg1.model.arch == "tiny-vit" and cfg1.seed == 3
+    with pytest.raises(ConfigError, match="n_ctx"):
+        DPC.stage1_config(run_config(stage1_opts={"method_cfg.n_ctx": 8}))
+    assert DPC.stage1_config(run_config(stage1_prompt=str(tmp_path))) is None
+
+
+def test_stage1_run_folder_is_the_plain_run_of_the_inner_method(tmp_path: Path) -> None:
+    from promptclip.protocols.spec import EvalTarget, RunSpec
+
+    def spec(run_dir: Path) -> RunSpec:
+        target = EvalTarget("base", "ds", "base")
+        return RunSpec("base2new", "ds", "coop+dpc", "r", 1, 16, "base", (target,), run_dir)
+
+    runs = tmp_path / "runs"
+    laid_out = spec(runs / "base2new" / "ds" / "coop+dpc" / "r" / "shots16" / "seed1")
+    assert stage1_run_dir(laid_out, "coop", "s1") == runs / "base2new" / "ds" / "coop" / "s1" / "shots16" / "seed1"
+    assert stage1_run_dir(spec(tmp_path / "mine"), "coop", "r") == tmp_path / "mine" / "stage1"
+
+
+# -- both stages through the command line ----------------------------------------------------------------------
+
+
+def test_one_command_trains_stage1_then_dpc_and_reuses_stage1(tmp_path: Path) -> None:
+    from promptclip.cli import main
+
+    recipe = {
+        "method": "coop+dpc",
+        "method_cfg": {"n_ctx": 4, "ctx_init": "a photo of a"},
+        "plugins": {"dpc": {"top_k": 3, "omega_b": 0.5, "stage1_opts": {"optim.epochs": 2}}},
+        "model": {"arch": "tiny-vit", "weights": "random", "precision": "fp32"},
+        "data": {
+            "dataset": "synthetic_shapes",
+            "shots": 2,
+            "batch_size": 4,
+            "eval_batch_size": 50,
+            "options": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 4, "image_size": 32},
+        },
+        "optim": {"lr": 0.05, "epochs": 1},
+        "device": "cpu",
+    }
+    recipe_path = tmp_path / "tiny_dpc.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    argv = ["run", "base2new", "--recipe", str(recipe_path), "--seeds", "1", "--runs-dir", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    leaf = Path("shots2") / "seed1"
+    stage1_dir = tmp_path / "base2new" / "synthetic_shapes" / "coop" / "tiny_dpc" / leaf
+    stage2_dir = tmp_path / "base2new" / "synthetic_shapes" / "coop+dpc" / "tiny_dpc" / leaf
+    stage1 = json.loads((stage1_dir / "results.json").read_text())
+    stage2 = json.loads((stage2_dir / "results.json").read_text())
+    assert stage1["method"] == "coop" and stage1["train"]["epochs"] == 2
+    assert stage2["method"] == "coop+dpc" and stage2["train"]["stage1_run"] == str(stage1_dir)
+    assert "dpc" in json.loads((stage2_dir / "metrics.jsonl").read_text().splitlines()[0])
+    # New classes: stage 1's predictions exactly (omega_n = 0), counted the same.
+    assert stage2["evaluations"]["new"]["correct"] == stage1["evaluations"]["new"]["correct"]
+    assert sum(stage2["evaluations"]["base"]["total"]) == sum(stage1["evaluations"]["base"]["total"]) == 20
+    # Stage 1 is reused, not trained again, when stage 2 runs again.
+    stamp = (stage1_dir / "results.json").stat().st_mtime_ns
+    (stage2_dir / "results.json").unlink()
+    assert main(argv) == 0
+    assert (stage1_dir / "results.json").stat().st_mtime_ns == stamp
+    assert "stage 1 (coop, tiny_dpc): reusing" in (stage2_dir / "log.txt").read_text()
+
+
+# -- the official recipes ----------------------------------------------------------------------------------------
+
+OFFICIAL = {  # recipe: (batch, top-K, lr, epochs, omega_b)
+    "coop_dpc/vit_b16_ep20": (4, 8, 0.002, 20, 0.5),
+    "coop_dpc/vit_b16_ep10_lr35": (4, 8, 0.0035, 10, 0.5),
+    "coop_dpc/vit_b16_ep20_bs8top4": (8, 4, 0.002, 20, 0.2),
+    "coop_dpc/vit_b16_ep20_bs16top2": (16, 2, 0.002, 20, 0.5),
+    "coop_dpc/vit_b16_ep10_bs2top2": (2, 2, 0.002, 10, 0.5),
+    "maple_dpc/vit_b16_ep20": (4, 8, 0.002, 20, 0.2),
+    "promptsrc_dpc/vit_b16_ep20": (4, 8, 0.002, 20, 0.2),
+    "promptkd_dpc/vit_b16_ep20_batch4": (4, 8, 0.002, 20, 0.2),
+    "promptkd_dpc/vit_b16_ep20_batch2_top8": (2, 8, 0.002, 20, 0.2),
+    "promptkd_dpc/vit_b16_ep20_batch2_top2": (2, 2, 0.002, 20, 0.2),
+    "promptkd_dpc/vit_b16_ep10_batch4": (4, 8, 0.0035, 10, 0.2),
+    "promptkd_dpc/vit_b16_ep10_batch4_lr26_cross_datasets": (4, 8, 0.0026, 10, 0.2),
+}
+
+
+def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() -> None:
+    from promptclip.commands.run import resolve_recipe
+    from promptclip.config import load_run_config
+
+    found = {
+        f"{p.parent.name}/{p.stem}" for p in Path(resolve_recipe("coop_dpc/vit_b16_ep20")).parents[1].glob("*_dpc/*")
+    }
+    assert set(OFFICIAL) <= found
+    for name, (batch, top_k, lr, epochs, omega_b) in OFFICIAL.items():
+        cfg = load_run_config(resolve_recipe(name))
+        dpc = cfg.plugins["dpc"]
+        assert (cfg.data.batch_size, dpc.top_k, cfg.optim.lr, cfg.optim.epochs, dpc.omega_b) == (
+            batch,
+            top_k,
+            lr,
+            epochs,
+            omega_b,
+        ), name
+        assert cfg.data.shots == 16 and cfg.optim.warmup_lr == 1e-5 and dpc.weighting == "reparam"
+        stage1 = DPC.stage1_config(cfg)
+        assert stage1 is not None and stage1[0].method == cfg.method_name, name
+
+
+def test_promptkd_text_branch_of_the_official_trainer(tmp_path: Path) -> None:
+    """The teacher's text prompts tuned too (also_tune), weighted alone (reparametrize), as the official
+    PromptKD+DPC; new classes still get stage 1's predictions exactly."""
+    teacher = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "promptsrc", {"depth_text": 2, "depth_vision": 2})
+    teacher.save_pretrained(tmp_path / "teacher")
+    kd_cfg = {"depth_vision": 2, "teacher_arch": "", "teacher_prompt": str(tmp_path / "teacher")}
+    kd: Backbone = ("promptkd", kd_cfg)
+    dpc = build_dpc(kd, also_tune=["teacher.text.*"], reparametrize=["teacher.text.ctx"])
+    assert {"teacher.text.ctx", "teacher.text.deep.1"} <= set(dpc.tuned_names)
+    assert not any(n.startswith("teacher.vision") for n in dpc.tuned_names)
+    batch = make_batch([0, 1, 2])
+    assert torch.equal(logits(dpc, batch), logits(build_stage1(kd), batch))
+    dpc.train()
+    sum(dpc.loss(batch, dpc(batch)).values()).backward()  # type: ignore[union-attr]
+    assert dpc.tuned["teacher__text__deep__1"].grad.abs().sum() > 0
+    train_steps(dpc)
+    dpc.set_classnames(OTHER)
+    dpc.set_eval_subset("new")
+    assert torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
+    dpc.set_eval_subset("base")
+    assert not torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
