@@ -440,3 +440,37 @@ def test_promptkd_text_branch_of_the_official_trainer(tmp_path: Path) -> None:
     assert torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
     dpc.set_eval_subset("base")
     assert not torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
+
+
+def test_a_transductive_stage1_sees_all_classes_while_dpc_trains_on_labelled_base_images(tmp_path: Path) -> None:
+    from promptclip.cli import main
+
+    recipe = {
+        "method": "promptkd+dpc",
+        "method_cfg": {"depth_vision": 2, "teacher_arch": ""},
+        "plugins": {"dpc": {"top_k": 3, "stage1_opts": {"data.shots": 0}}},
+        "model": {"arch": "tiny-vit", "weights": "random", "precision": "fp32"},
+        "data": {
+            "dataset": "synthetic_shapes",
+            "shots": 2,
+            "batch_size": 4,
+            "options": {"train_per_class": 3, "val_per_class": 1, "test_per_class": 2, "image_size": 32},
+        },
+        "optim": {"epochs": 1},
+        "device": "cpu",
+    }
+    recipe_path = tmp_path / "kd.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    argv = ["run", "base2new", "--recipe", str(recipe_path), "--seeds", "1", "--runs-dir", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    root = tmp_path / "base2new" / "synthetic_shapes"
+    stage1_dir, stage2_dir = (
+        root / "promptkd" / "kd" / "shotsall" / "seed1",
+        root / "promptkd+dpc" / "kd" / "shots2" / "seed1",
+    )
+    stage1 = json.loads((stage1_dir / "results.json").read_text())
+    stage2 = json.loads((stage2_dir / "results.json").read_text())
+    assert "(all classes: 10), 30 images" in (stage1_dir / "log.txt").read_text()
+    assert "(base classes: 5), 10 images" in (stage2_dir / "log.txt").read_text()
+    assert stage1["transductive"] and stage2["transductive"]
+    assert stage2["evaluations"]["new"]["correct"] == stage1["evaluations"]["new"]["correct"]

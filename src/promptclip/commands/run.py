@@ -188,6 +188,10 @@ def run_protocol(args: argparse.Namespace) -> int:
 
         outcomes = run_specs(specs, cfg, run_options(args), keep_going=args.keep_going)
     failed = [o for o in outcomes if o.status == "failed"]
+    from promptclip.engine.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        return 1 if failed else 0
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     busy = sum(o.status == "busy" for o in outcomes)

@@ -41,7 +41,9 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"already finished: {spec.results_path} (delete it to run again)")
             return 0
         outcome = execute(spec, cfg, run_options(args))
-    if args.quiet:  # otherwise the run's log has already shown all of this
+    from promptclip.engine.distributed import is_main_process
+
+    if args.quiet and is_main_process():  # otherwise the run's log has already shown all of this
         for key, entry in (outcome.results or {}).get("evaluations", {}).items():
             print(f"{key}: {entry['accuracy']:.2f}% ({sum(entry['correct'])}/{sum(entry['total'])})")
         print(f"results: {spec.results_path}")

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from promptclip.clip.model import CLIP
-from promptclip.config import ConfigError, RunConfig, build_run_config, load_recipe, to_dict
+from promptclip.config import ConfigError, RunConfig, build_run_config, from_dict, load_recipe, to_dict
 from promptclip.data.loader import derive_seed
 from promptclip.io import atomic_write_with
 from promptclip.methods.base import (
@@ -94,8 +94,9 @@ class DPCConfig:
     (the official PromptKD+DPC weights only the text context: ["teacher.text.ctx"])."""
     stage1_recipe: str = ""
     """Recipe of the stage-1 run (file, or name under configs/, e.g. coop/vit_b16_ep50_ctxv1): its method
-    config, optimiser and batch size; dataset, shots, seed and backbone are this run's. Empty: this recipe
-    without the DPC plug-in. Its method config must equal this recipe's."""
+    config, optimiser and batch size; dataset, seed and backbone are this run's, shots and classes the run
+    spec's (a transductive stage 1 in base2new: all classes, the recipe's shots). Empty: this recipe without
+    the DPC plug-in. Its method config must equal this recipe's."""
     stage1_opts: dict[str, Any] = field(default_factory=dict)
     """Overrides of the stage-1 config, nested as in a recipe or with dotted keys: {optim.epochs: 50}."""
     stage1_prompt: str = ""
@@ -422,10 +423,10 @@ def load_stage1_prompt(inner: PromptModel, path: Path) -> None:
         saved_name = "+".join([saved_method, *saved_plugins])
         wanted_name = "+".join([wanted["method"], *wanted["plugins"]])
         raise ConfigError(f"{folder}: holds a {saved_name} prompt; DPC here wraps {wanted_name}")
+    # Compare filled-in configs, so a field added with a default since stage 1 was saved is not a difference.
+    saved_cfg = to_dict(from_dict(type(inner.cfg), meta.get("method_cfg") or {}, where="method_cfg"))
     differing = sorted(
-        key
-        for key in set(wanted["method_cfg"]) | set(meta.get("method_cfg") or {})
-        if (meta.get("method_cfg") or {}).get(key) != wanted["method_cfg"].get(key)
+        key for key in set(wanted["method_cfg"]) | set(saved_cfg) if saved_cfg.get(key) != wanted["method_cfg"].get(key)
     )
     if differing:
         raise ConfigError(
@@ -484,7 +485,9 @@ def stage1_run_config(cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str
         for key in ("model", "seed", "device", "output_dir"):
             data[key] = current[key]
         section = dict(data.get("data") or {})
-        for key in ("dataset", "root", "shots", "subsample", "options", "num_workers", "eval_batch_size"):
+        # The run's data; shots and class subset come from the run spec (a transductive stage 1 in base2new
+        # keeps its recipe's shots, as a plain run of it would).
+        for key in ("dataset", "root", "options", "num_workers", "eval_batch_size"):
             section[key] = current["data"][key]
         data["data"] = section
         recipe, source = path.stem, f"plugins.{name}.stage1_recipe ({path})"

@@ -31,6 +31,9 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
     # A transductive method (PromptKD) trains on the unlabelled training images of all classes, as published;
     # its runs are marked so that reports keep them apart from the inductive ones.
     transductive = bool(getattr(cfg.method_cfg, "transductive", False))
+    # A plug-in that tunes a finished stage-1 run (DPC) trains on the labelled base images itself: only its
+    # stage 1 sees all classes, and the run stays marked transductive.
+    all_classes = transductive and not _tunes_a_stage1_run(cfg)
     if sweep.targets:
         raise ProtocolError("--targets: base2new evaluates the base and new halves of each dataset itself")
     specs = []
@@ -45,7 +48,7 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
                         recipe=sweep.recipe,
                         seed=seed,
                         shots=shots,
-                        train_subsample="all" if transductive else "base",
+                        train_subsample="all" if all_classes else "base",
                         transductive=transductive,
                         targets=(
                             EvalTarget("base", dataset, "base", "test"),
@@ -57,3 +60,11 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
                     )
                 )
     return specs
+
+
+def _tunes_a_stage1_run(cfg: RunConfig) -> bool:
+    from promptclip.plugins import load_all
+    from promptclip.registry import PLUGINS
+
+    load_all()
+    return any(getattr(PLUGINS.get(name), "requires_stage1", False) for name in cfg.plugin_names)

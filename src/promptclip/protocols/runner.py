@@ -41,7 +41,7 @@ from promptclip.engine.train import METRICS_FILE, EpochCallback, MetricsFile, Ru
 from promptclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from promptclip.locks import RunLock, RunLockError
 from promptclip.methods.base import PromptModel, get_prompt_model
-from promptclip.protocols.spec import RESULTS_FILE, EvalTarget, RunSpec
+from promptclip.protocols.spec import RESULTS_FILE, EvalTarget, RunSpec, shots_label
 
 RESULTS_SCHEMA = 1
 CONFIG_FILE = "config.yaml"
@@ -384,13 +384,13 @@ def reusable_prompt(spec: RunSpec, fingerprint: str) -> Path | None:
     return prompt_dir if previous.get("config_hash") == fingerprint else None
 
 
-def stage1_run_dir(spec: RunSpec, method: str, recipe: str) -> Path:
+def stage1_run_dir(spec: RunSpec, method: str, recipe: str, leaf: str | None = None) -> Path:
     """Where the stage-1 run of a two-stage spec lives: where a plain run of `method` with `recipe` would
-    (`<runs>/<protocol>/<dataset>/<method>/<recipe>/<leaf>/seed<s>`), or `<run folder>/stage1` when the run
-    folder was chosen by hand."""
+    (`<runs>/<protocol>/<dataset>/<method>/<recipe>/<leaf>/seed<s>`, the leaf `spec`'s unless given), or
+    `<run folder>/stage1` when the run folder was chosen by hand."""
     parts = spec.run_dir.parts
     if len(parts) >= 7 and parts[-6:-2] == (spec.protocol, spec.dataset, spec.method, spec.recipe):
-        return spec.run_dir.parents[3] / method / recipe / parts[-2] / parts[-1]
+        return spec.run_dir.parents[3] / method / recipe / (leaf or parts[-2]) / parts[-1]
     return spec.run_dir / "stage1"
 
 
@@ -414,12 +414,18 @@ def prepare_stage1(spec: RunSpec, cfg: RunConfig, options: RunOptions, log: Call
         return {}
     stage1_cfg, stage1_recipe = stage1
     recipe = stage1_recipe or spec.recipe
+    changes: dict[str, Any] = {}
+    if spec.protocol == "base2new" and getattr(stage1_cfg.method_cfg, "transductive", False):
+        # As a plain base2new run of that method: the unlabelled images of all classes, its recipe's shots.
+        changes = {"train_subsample": "all", "shots": stage1_cfg.data.shots, "transductive": True}
+    leaf = shots_label(changes["shots"]) if "shots" in changes else None
     stage1_spec = replace(
         spec,
         method=stage1_cfg.method,
         recipe=recipe,
-        run_dir=stage1_run_dir(spec, stage1_cfg.method, recipe),
+        run_dir=stage1_run_dir(spec, stage1_cfg.method, recipe, leaf),
         prompt_from=None,
+        **changes,
     )
     state = "reusing the finished run" if stage1_spec.finished else "training"
     log(f"stage 1 ({stage1_cfg.method}, {recipe}): {state} in {stage1_spec.run_dir}")
