@@ -63,7 +63,7 @@ def accuracies(results: dict) -> tuple[float, float]:
 
 
 def comparison_rows(runs_dir: Path, backbones: Sequence[str], seeds: Sequence[int]) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for backbone in backbones:
         recipe = Path(RECIPES[backbone]).name
         for method in (backbone, f"{backbone}+dpc"):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from promptclip.io import atomic_write_text
+from promptclip.protocols.spec import CROSS_DATASET_TARGETS, DG_TARGETS
 from promptclip.reports.collect import (
     CellKey,
     Measurement,
@@ -44,19 +45,6 @@ TRANSDUCTIVE_NOTE = (
 )
 MISSING_NOTE = f"{MISSING} no results for this method and dataset."
 PROTOCOL_ORDER = ("base2new", "few_shot", "cross_dataset", "domain_generalization", "data_efficient")
-CROSS_DATASET_TARGETS = (
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
-DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 
 @dataclass(frozen=True)
