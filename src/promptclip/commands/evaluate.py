@@ -102,6 +102,10 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             learner = _load_official(args, clip, splits.classnames, splits.template)
         learner = learner.to(device)
+        from promptclip.protocols.runner import set_eval_subset
+
+        # Plug-ins that weight prompts per class subset (DPC) are told which subset this is, explicitly.
+        set_eval_subset(learner, "new" if args.subsample == "new" else "base")
         loader = build_loader(
             splits, args.split, batch_size=args.batch_size, train=False, image_size=clip.image_size,
             num_workers=args.num_workers, pin_memory=device.type == "cuda",
