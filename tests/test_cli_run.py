@@ -254,3 +254,14 @@ def test_class_specific_context_cannot_transfer_to_other_classes(tmp_path: Path,
     err = capsys.readouterr().err
     assert "evaluation 'synthetic_objects'" in err and "class-specific context" in err
     assert not (run_folder(tmp_path, "coop", "cross_dataset") / "results.json").exists()
+
+
+def test_a_method_recipe_takes_plug_ins_on_top_but_not_another_method() -> None:
+    from promptclip.commands.run import load_config, resolve_recipe
+    from promptclip.config import ConfigError
+
+    recipe = resolve_recipe("maple/vit_b16_c2_ep5_batch4_2ctx")
+    cfg = load_config(recipe, "maple+dapt", [], {})
+    assert cfg.method == "maple+dapt" and "dapt" in cfg.plugins
+    with pytest.raises(ConfigError, match="this recipe is for method 'maple'"):
+        load_config(recipe, "coop", [], {})

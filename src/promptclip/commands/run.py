@@ -82,7 +82,8 @@ def load_config(
     data = load_recipe(recipe) if recipe is not None else {}
     source = str(recipe) if recipe is not None else "command line"
     if method:
-        if data.get("method") not in (None, method):
+        # A plain method's recipe may take plug-ins on top: `--recipe maple/... --method maple+dapt`.
+        if data.get("method") not in (None, method, method.split("+")[0]):
             raise ConfigError(
                 f"{source}: this recipe is for method {data['method']!r}, not {method!r}; pick a recipe under "
                 f"configs/{method.split('+')[0]}/ or leave out --method"
