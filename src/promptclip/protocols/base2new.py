@@ -19,8 +19,8 @@ from promptclip.protocols.spec import (
     Sweep,
     check_datasets,
     check_seeds,
-    run_dir_for,
     shots_label,
+    sweep_spec,
 )
 
 NAME = "base2new"
@@ -41,21 +41,19 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
         for shots in shots_list:
             for seed in check_seeds(sweep.seeds):
                 specs.append(
-                    RunSpec(
-                        protocol=NAME,
-                        dataset=dataset,
-                        method=cfg.method,
-                        recipe=sweep.recipe,
-                        seed=seed,
+                    sweep_spec(
+                        NAME,
+                        cfg,
+                        sweep,
+                        dataset,
+                        shots_label(shots),
+                        seed,
                         shots=shots,
                         train_subsample="all" if all_classes else "base",
                         transductive=transductive,
                         targets=(
                             EvalTarget("base", dataset, "base", "test"),
                             EvalTarget("new", dataset, "new", "test"),
-                        ),
-                        run_dir=run_dir_for(
-                            sweep.runs_dir, NAME, dataset, cfg.method, sweep.recipe, shots_label(shots), seed
                         ),
                     )
                 )

@@ -16,6 +16,7 @@ from promptclip.protocols.spec import (
     check_seeds,
     run_dir_for,
     shots_label,
+    sweep_spec,
 )
 from promptclip.protocols.spec import EvalTarget as Target
 
@@ -46,16 +47,16 @@ def transfer_specs(
                         sweep.runs_dir, prompt_from_protocol, source, cfg.method, sweep.recipe, leaf, seed
                     )
                 specs.append(
-                    RunSpec(
-                        protocol=name,
-                        dataset=source,
-                        method=cfg.method,
-                        recipe=sweep.recipe,
-                        seed=seed,
+                    sweep_spec(
+                        name,
+                        cfg,
+                        sweep,
+                        source,
+                        leaf,
+                        seed,
                         shots=shots,
                         train_subsample="all",
                         targets=evaluations,
-                        run_dir=run_dir_for(sweep.runs_dir, name, source, cfg.method, sweep.recipe, leaf, seed),
                         prompt_from=shared,
                     )
                 )

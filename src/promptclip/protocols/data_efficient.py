@@ -17,7 +17,7 @@ from promptclip.protocols.spec import (
     check_datasets,
     check_seeds,
     ratio_label,
-    run_dir_for,
+    sweep_spec,
 )
 
 NAME = "data_efficient"
@@ -49,24 +49,16 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
             for selector in selectors:
                 for seed in check_seeds(sweep.seeds):
                     specs.append(
-                        RunSpec(
-                            protocol=NAME,
-                            dataset=dataset,
-                            method=cfg.method,
-                            recipe=sweep.recipe,
-                            seed=seed,
+                        sweep_spec(
+                            NAME,
+                            cfg,
+                            sweep,
+                            dataset,
+                            ratio_label(ratio, selector),
+                            seed,
                             shots=0,
                             train_subsample="all",
                             targets=(EvalTarget("all", dataset, "all", "test"),),
-                            run_dir=run_dir_for(
-                                sweep.runs_dir,
-                                NAME,
-                                dataset,
-                                cfg.method,
-                                sweep.recipe,
-                                ratio_label(ratio, selector),
-                                seed,
-                            ),
                             ratio=ratio,
                             selector=selector,
                         )

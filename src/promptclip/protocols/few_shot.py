@@ -14,8 +14,8 @@ from promptclip.protocols.spec import (
     Sweep,
     check_datasets,
     check_seeds,
-    run_dir_for,
     shots_label,
+    sweep_spec,
 )
 
 NAME = "few_shot"
@@ -31,18 +31,16 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
         for shots in shots_list:
             for seed in check_seeds(sweep.seeds):
                 specs.append(
-                    RunSpec(
-                        protocol=NAME,
-                        dataset=dataset,
-                        method=cfg.method,
-                        recipe=sweep.recipe,
-                        seed=seed,
+                    sweep_spec(
+                        NAME,
+                        cfg,
+                        sweep,
+                        dataset,
+                        shots_label(shots),
+                        seed,
                         shots=shots,
                         train_subsample="all",
                         targets=(EvalTarget("all", dataset, "all", "test"),),
-                        run_dir=run_dir_for(
-                            sweep.runs_dir, NAME, dataset, cfg.method, sweep.recipe, shots_label(shots), seed
-                        ),
                     )
                 )
     return specs

@@ -13,7 +13,7 @@ import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from promptclip.config import RunConfig
 
@@ -118,6 +118,27 @@ def ratio_label(ratio: float, selector: str) -> str:
 
 def run_dir_for(runs_dir: Path, protocol: str, dataset: str, method: str, recipe: str, leaf: str, seed: int) -> Path:
     return Path(runs_dir) / protocol / dataset / method / recipe / leaf / f"seed{seed}"
+
+
+def sweep_spec(
+    protocol: str,
+    cfg: RunConfig,
+    sweep: Sweep,
+    dataset: str,
+    leaf: str,
+    seed: int,
+    **fields: Any,
+) -> RunSpec:
+    """A spec of `sweep` for one dataset, setting (`leaf`: shots or ratio folder) and seed, in its run folder."""
+    return RunSpec(
+        protocol=protocol,
+        dataset=dataset,
+        method=cfg.method,
+        recipe=sweep.recipe,
+        seed=seed,
+        run_dir=run_dir_for(sweep.runs_dir, protocol, dataset, cfg.method, sweep.recipe, leaf, seed),
+        **fields,
+    )
 
 
 def get_protocol(name: str) -> Callable[[RunConfig, Sweep], list[RunSpec]]:
