@@ -257,8 +257,9 @@ def test_class_specific_context_cannot_transfer_to_other_classes(tmp_path: Path,
 
 
 def test_a_method_recipe_takes_plug_ins_on_top_but_not_another_method() -> None:
-    from promptclip.commands.run import load_config, resolve_recipe
+    from promptclip.commands.run import load_config
     from promptclip.config import ConfigError
+    from promptclip.recipes import resolve_recipe
 
     recipe = resolve_recipe("maple/vit_b16_c2_ep5_batch4_2ctx")
     cfg = load_config(recipe, "maple+dapt", [], {})

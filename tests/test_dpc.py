@@ -397,8 +397,8 @@ OFFICIAL = {  # recipe: (batch, top-K, lr, epochs, omega_b)
 
 
 def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() -> None:
-    from promptclip.commands.run import resolve_recipe
     from promptclip.config import load_run_config
+    from promptclip.recipes import resolve_recipe
 
     found = {
         f"{p.parent.name}/{p.stem}" for p in Path(resolve_recipe("coop_dpc/vit_b16_ep20")).parents[1].glob("*_dpc/*")

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from promptclip.config import ConfigError, RunConfig, apply_overrides, build_run_config, load_recipe
-
-REPO_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
-
+from promptclip.recipes import recipe_name, resolve_recipe
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -50,26 +48,6 @@ def user_errors() -> Iterator[None]:
     except KeyError as err:  # registry lookups name every known entry
         message = err.args[0] if err.args else str(err)
         raise CLIError(str(message)) from None
-
-
-def resolve_recipe(value: str) -> Path:
-    """A recipe file: a path, or a name under configs/ such as `coop/vit_b16_ep50`."""
-    path = Path(value).expanduser()
-    if path.is_file():
-        return path
-    name = value[:-5] if value.endswith(".yaml") else value
-    for base in (Path("configs"), REPO_CONFIGS):
-        candidate = base / f"{name}.yaml"
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"--recipe {value}: no such file, and no configs/{name}.yaml; give a recipe file or a name such as "
-        "coop/vit_b16_ep50 (see the configs/ folder)"
-    )
-
-
-def recipe_name(recipe: Path | None) -> str:
-    return recipe.stem if recipe is not None else "default"
 
 
 def load_config(

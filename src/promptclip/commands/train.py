@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from promptclip.commands.run import add_run_flags, load_config, recipe_name, resolve_recipe, run_options, user_errors
+from promptclip.commands.run import add_run_flags, load_config, run_options, user_errors
+from promptclip.recipes import recipe_name, resolve_recipe
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

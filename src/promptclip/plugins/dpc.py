@@ -472,7 +472,7 @@ def stage1_run_config(cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str
     current = to_dict(cfg)
     recipe: str | None = None
     if dpc.stage1_recipe:
-        from promptclip.commands.run import resolve_recipe
+        from promptclip.recipes import resolve_recipe
 
         path = resolve_recipe(dpc.stage1_recipe)
         data = load_recipe(path)
