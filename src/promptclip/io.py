@@ -59,11 +59,13 @@ def atomic_path(path: str | Path, fault: str | None = None) -> Iterator[Path]:
         raise _disk_full_or(err, path) from err
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp
         if fault is not None:
             fault_point(fault, partial=tmp)
+        # mkstemp makes 0600, and a writer may have recreated the file (safetensors does): set the mode a
+        # new file gets under the umask only now, just before the rename.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -106,6 +108,14 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def _current_umask() -> int:
+    # Linux reports the umask in /proc; setting and restoring it instead briefly changes it for every thread.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
