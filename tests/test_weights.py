@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from promptclip.cli import main
-from promptclip.clip import weights
+from promptclip.clip import arch_names, weights
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import (
     MissingWeightsError,
@@ -378,7 +378,7 @@ def test_bundled_model_loads_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyP
     model = random_clip("tiny-vit")
     model.config = type(model.config).from_dict({**model.config.to_dict(), "name": "tiny-synthetic"})
     save_clip(model, assets / "tiny-synthetic.safetensors")
-    monkeypatch.setattr(weights, "_assets_dir", lambda: assets)
+    monkeypatch.setattr(arch_names, "_assets_dir", lambda: assets)
     assert "tiny-synthetic" in available_archs()
     loaded = load_clip("tiny-synthetic")
     assert loaded.config.name == "tiny-synthetic"

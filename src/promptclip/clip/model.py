@@ -481,8 +481,10 @@ def _init_transformer(transformer: Transformer) -> None:
         assert isinstance(block, ResidualAttentionBlock)
         nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
         nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
-        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        c_fc, c_proj = block.mlp.c_fc, block.mlp.c_proj
+        assert isinstance(c_fc, nn.Linear) and isinstance(c_proj, nn.Linear)
+        nn.init.normal_(c_fc.weight, std=fc_std)
+        nn.init.normal_(c_proj.weight, std=proj_std)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     if args.what == "archs":
-        from promptclip.clip.weights import describe_archs
+        from promptclip.clip.arch_names import describe_archs
 
         print(describe_archs())
         return 0
@@ -44,7 +44,11 @@ def run_list(args: argparse.Namespace) -> int:
         summary = (getattr(entry, "__doc__", None) or "").strip().splitlines()
         print(f"{name:24s} {summary[0] if summary else ''}")
         config_cls = getattr(entry, "Config", None)
-        if args.what in ("methods", "plugins") and dataclasses.is_dataclass(config_cls):
+        if (
+            args.what in ("methods", "plugins")
+            and isinstance(config_cls, type)
+            and dataclasses.is_dataclass(config_cls)
+        ):
             for line in describe_config(config_cls):
                 print(f"{'':26s}{line}")
     return 0

@@ -1,0 +1,22 @@
+"""Errors of the weights loaders, and the short key listings their messages use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+__all__ = ["MissingWeightsError", "WeightsError", "preview"]
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded (or loaded safely); the message says why and what to do."""
+
+
+class MissingWeightsError(WeightsError):
+    """No weights file found for an architecture name; the message says where to put one."""
+
+
+def preview(keys: Iterable[object], count: int = 5) -> str:
+    """The first `count` keys, quoted, and how many there are in all when some are left out."""
+    keys = [str(k) for k in keys]
+    shown = ", ".join(repr(k) for k in keys[:count])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > count else shown
