@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from promptclip.data import synthetic
 from promptclip.io import sha256_file
-from promptclip.pretrain import (
-    CHECKPOINT_FILE,
+from promptclip.pretraining import (
     PretrainConfig,
     PretrainError,
     attribute_caption,
@@ -23,6 +22,7 @@ from promptclip.pretrain import (
     learning_rate,
     pretrain,
 )
+from promptclip.pretraining.loop import CHECKPOINT_FILE
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "tiny-clip.md"
 ASSET = Path(__file__).resolve().parents[1] / "src" / "promptclip" / "assets" / "tiny-synthetic.safetensors"
@@ -73,7 +73,7 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
 
 def test_shape_twins_differ_from_their_source_only_in_shape() -> None:
     cfg = micro_config(batch_size=16, twin_fraction=0.5)
-    from promptclip.pretrain import _batch_specs
+    from promptclip.pretraining.batches import _batch_specs
 
     specs = _batch_specs(cfg, 0)
     fresh, twins = specs[:8], specs[8:]
@@ -92,7 +92,7 @@ def test_shape_twins_differ_from_their_source_only_in_shape() -> None:
 def test_partial_caption_matches_every_image_with_its_attributes() -> None:
     cfg = micro_config(partial_caption_prob=1.0, twin_fraction=0.0)
     batch = caption_batch(cfg, 0)
-    from promptclip.pretrain import _batch_specs
+    from promptclip.pretraining.batches import _batch_specs
 
     specs = _batch_specs(cfg, 0)
     for j, text in enumerate(batch.captions):
@@ -218,7 +218,7 @@ def test_bad_settings_name_the_field() -> None:
 
 def test_only_tokens_seen_in_captions_count_as_trained() -> None:
     from promptclip.clip.tokenizer import tokenize
-    from promptclip.pretrain import zero_untrained_tokens
+    from promptclip.pretraining import zero_untrained_tokens
 
     result = pretrain(micro_config(steps=2), None, progress=False, log=None)
     trained = result.trained_tokens

@@ -14,7 +14,7 @@ DEFAULT_OUT = Path("runs") / "pretrain" / "tiny-synthetic"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from promptclip.pretrain import PretrainConfig
+    from promptclip.pretraining import PretrainConfig
 
     defaults = PretrainConfig()
     parser = subparsers.add_parser(
@@ -56,7 +56,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from promptclip.cli import CLIError
-    from promptclip.pretrain import (
+    from promptclip.pretraining import (
         PretrainConfig,
         PretrainError,
         build_probes,

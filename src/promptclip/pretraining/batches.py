@@ -1,0 +1,162 @@
+"""Pretraining batches: rendered scenes of the synthetic world and their captions, a pure function of the
+run's seed and the step (so a resumed run sees exactly the batches an uninterrupted one would)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from promptclip.clip.tokenizer import tokenize
+from promptclip.clip.transforms import CLIP_MEAN, CLIP_STD
+from promptclip.data import synthetic
+from promptclip.pretraining.config import PretrainConfig, PretrainError
+
+__all__ = ["RENDER_SIZE", "CaptionedBatch", "attribute_caption", "caption_batch", "images_to_pixels"]
+
+RENDER_SIZE = 64  # the downstream synthetic tasks' default image size
+
+# Attribute keys a caption may mention; full captions also pin size and position.
+_SHAPE, _COLOUR, _SCENE, _SIZE, _POSITION = range(5)
+_FULL = (_SHAPE, _COLOUR, _SCENE, _SIZE, _POSITION)
+
+# Partial descriptions: (pattern, mentioned attributes). Their wording differs from the downstream prompt
+# templates on purpose, so zero-shot prompts are close to, not copies of, what the text tower was taught.
+_PARTIAL_PATTERNS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("a {shape}.", (_SHAPE,)),
+    ("a drawing of a {shape}.", (_SHAPE,)),
+    ("a {shape} shape.", (_SHAPE,)),
+    ("something {colour}.", (_COLOUR,)),
+    ("a {colour} thing.", (_COLOUR,)),
+    ("a {colour} {shape}.", (_COLOUR, _SHAPE)),
+    ("a picture of a {colour} {shape}.", (_COLOUR, _SHAPE)),
+    ("a {scene} background.", (_SCENE,)),
+    ("a picture with {scene} behind.", (_SCENE,)),
+    ("a {shape} on a {scene} background.", (_SHAPE, _SCENE)),
+    ("a {colour} object on a {scene} background.", (_COLOUR, _SCENE)),
+    ("a {colour} {shape}, {scene} behind it.", (_COLOUR, _SHAPE, _SCENE)),
+)
+
+
+def _with_articles(text: str) -> str:
+    """Articles that agree with the word after them: "a orange star" -> "an orange star"."""
+    words = text.split(" ")
+    for i in range(len(words) - 1):
+        if words[i] in ("a", "A") and words[i + 1][:1] in "aeiou":
+            words[i] += "n"
+    return " ".join(words)
+
+
+def attribute_caption(spec: synthetic.SceneSpec, variant: int) -> tuple[str, tuple[int, ...]]:
+    """A caption naming only some of the spec's attributes, and which ones (for the multi-positive targets)."""
+    pattern, mentioned = _PARTIAL_PATTERNS[variant % len(_PARTIAL_PATTERNS)]
+    text = pattern.format(shape=spec.shape, colour=spec.colour, scene=spec.scene)
+    return _with_articles(text), mentioned
+
+
+def _attributes(spec: synthetic.SceneSpec) -> tuple[str, str, str, str, str]:
+    return (
+        spec.shape,
+        spec.colour,
+        spec.scene,
+        synthetic.size_word(spec.size),
+        synthetic.position_phrase(spec.cx, spec.cy),
+    )
+
+
+@dataclass
+class CaptionedBatch:
+    """One pretraining batch: rendered images (uint8 [B, H, W, 3]), caption token ids [B, 77] and the
+    [B, B] match matrix `matches[i, j]` = caption j truly describes image i."""
+
+    images: np.ndarray
+    tokens: torch.Tensor
+    matches: torch.Tensor
+    captions: list[str]
+
+
+@lru_cache(maxsize=65536)
+def _token_ids(text: str, context_length: int) -> tuple[int, ...]:
+    return tuple(tokenize(text, context_length=context_length, truncate=True)[0].tolist())
+
+
+def _match_matrix(specs: Sequence[synthetic.SceneSpec], mentioned: Sequence[tuple[int, ...]]) -> torch.Tensor:
+    attrs = np.array([_attributes(s) for s in specs], dtype=object)  # [B, 5]
+    matches = np.ones((len(specs), len(specs)), dtype=bool)
+    for j, keys in enumerate(mentioned):
+        for key in keys:
+            matches[:, j] &= attrs[:, key] == attrs[j, key]
+    return torch.from_numpy(matches)
+
+
+@lru_cache(maxsize=2)
+def _spec_shard(seed: int, shard: int, shard_size: int) -> tuple[synthetic.SceneSpec, ...]:
+    return tuple(synthetic.sample_pretraining_specs(shard_size, seed=seed * 1_000_003 + shard))
+
+
+def _twin_count(cfg: PretrainConfig) -> int:
+    return round(cfg.batch_size * cfg.twin_fraction)
+
+
+def _fresh_specs(cfg: PretrainConfig, step: int) -> list[synthetic.SceneSpec]:
+    """The new specs of batch `step`: consecutive slices of seed-keyed shards, so any step is reachable."""
+    fresh = cfg.batch_size - _twin_count(cfg)
+    per_shard = cfg.shard_size // fresh
+    if per_shard < 1:
+        raise PretrainError(f"pretrain config: shard_size ({cfg.shard_size}) must be >= batch_size ({cfg.batch_size})")
+    shard, slot = divmod(step, per_shard)
+    start = slot * fresh
+    return list(_spec_shard(cfg.seed, shard, cfg.shard_size)[start : start + fresh])
+
+
+def _shape_twins(
+    specs: Sequence[synthetic.SceneSpec], count: int, rng: np.random.Generator
+) -> list[synthetic.SceneSpec]:
+    """Copies of the first `count` specs, each with another shape drawn at random."""
+    offsets = rng.integers(1, len(synthetic.SHAPES), count)
+    twins = []
+    for spec, offset in zip(specs[:count], offsets, strict=True):
+        shape = synthetic.SHAPES[(synthetic.SHAPES.index(spec.shape) + int(offset)) % len(synthetic.SHAPES)]
+        twins.append(dataclasses.replace(spec, shape=shape))
+    return twins
+
+
+def _batch_specs(cfg: PretrainConfig, step: int) -> list[synthetic.SceneSpec]:
+    specs = _fresh_specs(cfg, step)
+    rng = np.random.default_rng([cfg.seed, step, 29])
+    return specs + _shape_twins(specs, _twin_count(cfg), rng)
+
+
+def caption_batch(cfg: PretrainConfig, step: int, context_length: int = 77) -> CaptionedBatch:
+    """Render batch `step` of the run defined by `cfg` (a pure function of `cfg.seed` and `step`)."""
+    specs = _batch_specs(cfg, step)
+    rng = np.random.default_rng([cfg.seed, step, 17])
+    partial = rng.random(len(specs)) < cfg.partial_caption_prob
+    variants = rng.integers(0, 1 << 20, len(specs))
+    captions: list[str] = []
+    mentioned: list[tuple[int, ...]] = []
+    for spec, is_partial, variant in zip(specs, partial, variants, strict=True):
+        if is_partial:
+            text, keys = attribute_caption(spec, int(variant))
+        else:
+            text, keys = synthetic.caption(spec, int(variant)), _FULL
+        captions.append(text)
+        mentioned.append(keys)
+    images, _ = synthetic.render_batch(specs, RENDER_SIZE)
+    tokens = torch.tensor([_token_ids(text, context_length) for text in captions], dtype=torch.long)
+    return CaptionedBatch(images, tokens, _match_matrix(specs, mentioned), captions)
+
+
+def images_to_pixels(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> CLIP-normalised float [B, 3, S, S] (bicubic resize when S differs from H)."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    if pixels.shape[-1] != image_size:
+        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bicubic", antialias=True).clamp_(0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (pixels - mean) / std
