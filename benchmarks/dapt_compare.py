@@ -7,7 +7,7 @@ Usage:
 Training images of `synthetic_objects` (24 colour+shape classes) sit on the background scene tied to their
 class with probability `--spurious`; validation and test scenes are uniform, so a model that learned the
 shortcut loses accuracy at test time. Every variant trains through `promptclip run few_shot` with the
-official DAPT few-shot recipe (configs/maple_dapt/vit_b16_t.yaml: batch 4, SGD lr 0.0035, 10 epochs, the
+official DAPT few-shot recipe (maple_dapt/vit_b16_t: batch 4, SGD lr 0.0035, 10 epochs, the
 official loss schedule), adapted to the small backbone (prompt depth = min(9, its layers), images rendered at
 its input size). Reported per variant, mean +- std over seeds: test accuracy, and test accuracy on images whose
 scene is the one tied to their class (aligned) and on the others (conflicting): the gap between the two
@@ -80,7 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def recipe_for(variant: Variant, args: argparse.Namespace, depth: int, image_size: int) -> dict[str, Any]:
     """The official few-shot recipe with the variant's plug-ins, on the small backbone and the synthetic data."""
-    recipe = yaml.safe_load((REPO / "configs" / "maple_dapt" / "vit_b16_t.yaml").read_text())
+    from promptclip.recipes import resolve_recipe
+
+    recipe = yaml.safe_load(resolve_recipe("maple_dapt/vit_b16_t").read_text())
     recipe["method"] = variant.method
     recipe["method_cfg"]["depth"] = depth
     dapt = {k: v for k, v in recipe["plugins"]["dapt"].items() if k != "mask"}
@@ -136,7 +138,7 @@ def diagnose(folder: Path, args: argparse.Namespace) -> Diagnostics:
     """Background reliance and Grad-CAM localisation of one finished run, on its test split."""
     from promptclip.config import build_run_config
     from promptclip.methods.base import PromptModel
-    from promptclip.protocols.runner import load_backbone, resolve_device
+    from promptclip.runs.inputs import load_backbone, resolve_device
 
     config = build_run_config(yaml.safe_load((folder / "config.yaml").read_text()), source=str(folder))
     device = resolve_device(args.device)
@@ -185,7 +187,7 @@ def zero_shot_row(args: argparse.Namespace) -> str:
     """The same diagnostics for zero-shot CLIP with the dataset's template (nothing trained)."""
     from promptclip.clip.weights import load_clip
     from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.runs.inputs import resolve_device
 
     device = resolve_device(args.device)
     clip = load_clip(args.arch, args.weights, device=device)
@@ -218,7 +220,7 @@ def step_milliseconds(args: argparse.Namespace, names: list[str], depth: int, im
     from promptclip.data.loader import build_loader
     from promptclip.methods.base import get_prompt_model
     from promptclip.plugins.base import wrap_with_plugins
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.runs.inputs import resolve_device
 
     device = resolve_device(args.device)
     clip = load_clip(args.arch, args.weights, device=device)

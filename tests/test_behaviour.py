@@ -39,8 +39,8 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def base2new(runs_dir: Path) -> Callable[[str, str], dict[str, float]]:
     """Base and new test accuracy of a demo method on a task; each run happens once per module."""
-    from promptclip.protocols.runner import RunOptions, execute
     from promptclip.protocols.spec import Sweep, expand
+    from promptclip.runs import RunOptions, execute
 
     done: dict[tuple[str, str], dict[str, float]] = {}
 
@@ -51,7 +51,7 @@ def base2new(runs_dir: Path) -> Callable[[str, str], dict[str, float]]:
             (spec,) = expand("base2new", cfg, sweep)
             results = execute(spec, cfg, RunOptions(progress=False, echo=False)).results
             assert results is not None
-            done[(method, task)] = {key: entry["accuracy"] for key, entry in results["evaluations"].items()}
+            done[(method, task)] = {key: entry.accuracy for key, entry in results.evaluations.items()}
         return done[(method, task)]
 
     return run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,11 +16,13 @@ from promptclip.cli import main
 from promptclip.clip.weights import load_clip, save_clip
 from promptclip.commands.run import load_config
 from promptclip.io import sha256_file
-from promptclip.protocols.runner import RunOptions, execute, single_run_spec
+from promptclip.protocols.spec import single_run_spec
+from promptclip.recipes import resolve_recipe
+from promptclip.runs import RunOptions, execute
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "smoke"
+CONFIGS = resolve_recipe("smoke/coop").parent  # the smoke recipes shipped with promptclip
 SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring", "hexagon", "crescent"]
-TEST_PER_CLASS = 3  # configs/smoke: 10 classes x 3 test images
+TEST_PER_CLASS = 3  # smoke recipes: 10 classes x 3 test images
 
 
 @pytest.fixture(autouse=True)
@@ -72,8 +73,9 @@ def test_one_epoch_train_writes_results(method: str, tmp_path: Path, weights: Pa
     assert results["selection"] == {"policy": "last_epoch"}
     recipe = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())
     assert results["transductive"] is bool((recipe.get("method_cfg") or {}).get("transductive", False))
-    assert results["backbone"] == {"arch": "tiny-vit", "weights_sha256": sha256_file(weights)}
-    assert results["config_hash"] == hashlib.sha256((folder / "config.yaml").read_bytes()).hexdigest()
+    assert (results["backbone"]["arch"], results["backbone"]["weights_sha256"]) == ("tiny-vit", sha256_file(weights))
+    assert results["run_id"] == json.loads((folder / "identity.json").read_text())["run_id"]
+    assert results["identity"]["optim.epochs"] == 1 and "data.root" not in results["identity"]
     entry = results["evaluations"]["all"]
     assert entry["classnames"] == SHAPES
     assert entry["total"] == [TEST_PER_CLASS] * 10 and sum(entry["total"]) == 30
@@ -141,13 +143,13 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Pat
 
     with pytest.raises(Interrupt):
         execute(spec, cfg, RunOptions(echo=False, progress=False, callbacks=[stop_after_first_epoch]))
-    assert not spec.finished
+    assert not (spec.run_dir / "results.json").exists()
     assert train("coop", cut_runs, weights, "--resume", "--opts", *opts) == 0
 
     straight, resumed = read_results(run_folder(straight_runs, "coop")), read_results(spec.run_dir)
     assert resumed["train"]["resumed_from_epoch"] == 1
     assert resumed["train"]["steps"] == straight["train"]["steps"] == 6
-    assert resumed["config_hash"] == straight["config_hash"]
+    assert resumed["run_id"] == straight["run_id"]
     assert resumed["evaluations"] == straight["evaluations"]
     a = load_file(str(run_folder(straight_runs, "coop") / "prompt" / "prompt.safetensors"))
     b = load_file(str(spec.run_dir / "prompt" / "prompt.safetensors"))

@@ -22,10 +22,12 @@ from safetensors.torch import load_file
 from promptclip.commands.run import load_config
 from promptclip.config import RunConfig
 from promptclip.engine.distributed import GLOBAL_BATCH_KEY, DataParallel
-from promptclip.protocols.runner import RunOptions, execute, single_run_spec
+from promptclip.protocols.spec import single_run_spec
+from promptclip.recipes import resolve_recipe
+from promptclip.runs import RunOptions, execute
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "configs" / "smoke" / "kgcoop.yaml"
+RECIPE = resolve_recipe("smoke/kgcoop")
 # 2 shots x 10 classes = 20 training images: two batches of 7 per epoch (drop_last), shared 4 + 3.
 OPTS = ["optim.epochs", "2", "optim.lr", "0.05", "data.batch_size", "7", "data.eval_batch_size", "8"]
 TEST_IMAGES = 30  # 10 classes x 3: evaluation batches of 8, 8, 8, 6; rank 0 takes the 1st and 3rd
@@ -159,7 +161,7 @@ def worker(runs: Path, out: Path) -> None:
     from promptclip.engine.distributed import current_data_parallel, shutdown
     from promptclip.engine.evaluate import ImageFeatureCache, evaluate
     from promptclip.methods.base import PromptModel
-    from promptclip.protocols.runner import DatasetCache, eval_loader, load_backbone
+    from promptclip.runs.inputs import DatasetCache, eval_loader, load_backbone
 
     cfg = smoke_config()
     spec = single_run_spec(cfg, "kgcoop", runs)

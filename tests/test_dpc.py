@@ -17,10 +17,10 @@ from promptclip.clip.model import CLIP
 from promptclip.clip.weights import load_clip
 from promptclip.config import ConfigError, build_run_config
 from promptclip.engine.evaluate import evaluate
+from promptclip.factory import run_needs
 from promptclip.methods.base import PromptModel
 from promptclip.plugins.base import PluginContext, PluginModel
 from promptclip.plugins.dpc import DPC, DPCConfig
-from promptclip.protocols.runner import set_eval_subset, stage1_run_dir
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 OTHER = ["plane", "house", "fish"]
@@ -221,7 +221,7 @@ def test_the_full_library_needs_the_full_training_split() -> None:
     dpc.train()
     with pytest.raises(RuntimeError, match="full_splits"):
         dpc.loss(batch, dpc(batch))
-    dpc.context.extras["full_splits"] = picture_splits(CLASSES, per_class=5)
+    dpc.context.full_splits = picture_splits(CLASSES, per_class=5)
     assert len(dpc.picture_library()) == 25
 
 
@@ -242,7 +242,7 @@ def test_eval_subset_is_explicit_and_reaches_through_other_plugins() -> None:
     dpc = build_dpc("coop")
     assert dpc.eval_subset == "base"
     outer = PluginModel(dpc, DPCConfig())
-    set_eval_subset(outer, "new")
+    outer.set_eval_subset("new")
     assert dpc.eval_subset == "new"
     with pytest.raises(ValueError, match="base"):
         dpc.set_eval_subset("novel")  # type: ignore[arg-type]
@@ -270,7 +270,7 @@ def test_stage1_prompt_is_loaded_from_its_run_folder(tmp_path: Path) -> None:
     with torch.no_grad():
         for tensor in fresh.trainable_parameters().values():
             tensor.normal_()
-    context = PluginContext(splits=picture_splits(CLASSES), extras={"stage1_dir": tmp_path / "run"})
+    context = PluginContext(splits=picture_splits(CLASSES), stage1_dir=tmp_path / "run")
     dpc = DPC(fresh, DPCConfig(), context)
     for name, tensor in stage1.trainable_parameters().items():
         assert torch.equal(dpc.tuned_tensors()[name], tensor) and torch.equal(dpc.stage1_tensors()[name], tensor)
@@ -281,7 +281,7 @@ def test_stage1_prompt_is_loaded_from_its_run_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="maple prompt"):
         DPC(coop, DPCConfig(), context)
     with pytest.raises(ConfigError, match="no stage-1 prompt"):
-        DPC(coop, DPCConfig(), PluginContext(extras={"stage1_dir": tmp_path / "missing"}))
+        DPC(coop, DPCConfig(), PluginContext(stage1_dir=tmp_path / "missing"))
 
 
 def run_config(**dpc: Any) -> Any:
@@ -299,7 +299,9 @@ def run_config(**dpc: Any) -> Any:
 
 
 def test_stage1_config_is_this_run_without_dpc_plus_its_overrides(tmp_path: Path) -> None:
-    cfg1, recipe = DPC.stage1_config(run_config(stage1_opts={"optim.epochs": 5, "data": {"batch_size": 8}}))
+    plan = DPC.needs(DPCConfig(), run_config(stage1_opts={"optim.epochs": 5, "data": {"batch_size": 8}})).stage1
+    assert plan is not None
+    cfg1, recipe = plan.config, plan.recipe
     assert cfg1.method == "coop" and cfg1.plugins == {} and recipe is None
     assert (cfg1.optim.epochs, cfg1.data.batch_size, cfg1.seed, cfg1.data.dataset) == (5, 8, 3, "synthetic_shapes")
     recipe_file = tmp_path / "coop_stage1.yaml"
@@ -313,25 +315,34 @@ def test_stage1_config_is_this_run_without_dpc_plus_its_overrides(tmp_path: Path
             }
         )
     )
-    cfg1, recipe = DPC.stage1_config(run_config(stage1_recipe=str(recipe_file)))
+    plan = run_needs(run_config(stage1_recipe=str(recipe_file))).stage1
+    assert plan is not None
+    cfg1, recipe = plan.config, plan.recipe
     assert recipe == "coop_stage1" and cfg1.optim.epochs == 50 and cfg1.data.batch_size == 32
     assert cfg1.data.dataset == "synthetic_shapes" and cfg1.model.arch == "tiny-vit" and cfg1.seed == 3
     with pytest.raises(ConfigError, match="n_ctx"):
-        DPC.stage1_config(run_config(stage1_opts={"method_cfg.n_ctx": 8}))
-    assert DPC.stage1_config(run_config(stage1_prompt=str(tmp_path))) is None
+        run_needs(run_config(stage1_opts={"method_cfg.n_ctx": 8}))
+    assert run_needs(run_config(stage1_prompt=str(tmp_path))).stage1 is None
 
 
 def test_stage1_run_folder_is_the_plain_run_of_the_inner_method(tmp_path: Path) -> None:
+    from promptclip.methods.base import StagePlan
     from promptclip.protocols.spec import EvalTarget, RunSpec
+    from promptclip.runs.stages import stage_spec
 
-    def spec(run_dir: Path) -> RunSpec:
+    def spec(run_dir: Path, runs_root: Path | None) -> RunSpec:
         target = EvalTarget("base", "ds", "base")
-        return RunSpec("base2new", "ds", "coop+dpc", "r", 1, 16, "base", (target,), run_dir)
+        return RunSpec("base2new", "ds", "coop+dpc", "r", 1, 16, "base", (target,), run_dir, runs_root=runs_root)
 
+    stage1_cfg = DPC.needs(DPCConfig(), run_config()).stage1
+    assert stage1_cfg is not None
+    plan = StagePlan(stage1_cfg.config, "s1")
     runs = tmp_path / "runs"
-    laid_out = spec(runs / "base2new" / "ds" / "coop+dpc" / "r" / "shots16" / "seed1")
-    assert stage1_run_dir(laid_out, "coop", "s1") == runs / "base2new" / "ds" / "coop" / "s1" / "shots16" / "seed1"
-    assert stage1_run_dir(spec(tmp_path / "mine"), "coop", "r") == tmp_path / "mine" / "stage1"
+    laid_out = spec(runs / "base2new" / "ds" / "coop+dpc" / "r" / "shots16" / "seed1", runs)
+    stage, _ = stage_spec(laid_out, plan)
+    assert stage.run_dir == runs / "base2new" / "ds" / "coop" / "s1" / "shots16" / "seed1" and stage.method == "coop"
+    by_hand, _ = stage_spec(spec(tmp_path / "mine", None), plan)
+    assert by_hand.run_dir == tmp_path / "mine" / "stage1" and by_hand.runs_root is None
 
 
 # -- both stages through the command line ----------------------------------------------------------------------
@@ -370,10 +381,11 @@ def test_one_command_trains_stage1_then_dpc_and_reuses_stage1(tmp_path: Path) ->
     # New classes: stage 1's predictions exactly (omega_n = 0), counted the same.
     assert stage2["evaluations"]["new"]["correct"] == stage1["evaluations"]["new"]["correct"]
     assert sum(stage2["evaluations"]["base"]["total"]) == sum(stage1["evaluations"]["base"]["total"]) == 20
-    # Stage 1 is reused, not trained again, when stage 2 runs again.
+    # Stage 1 is reused, not trained again, when stage 2 runs again (an interrupted stage 2 needs --resume).
     stamp = (stage1_dir / "results.json").stat().st_mtime_ns
     (stage2_dir / "results.json").unlink()
-    assert main(argv) == 0
+    assert main(argv) == 2
+    assert main([*argv, "--resume"]) == 0
     assert (stage1_dir / "results.json").stat().st_mtime_ns == stamp
     assert "stage 1 (coop, tiny_dpc): reusing" in (stage2_dir / "log.txt").read_text()
 
@@ -415,8 +427,8 @@ def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() ->
             omega_b,
         ), name
         assert cfg.data.shots == 16 and cfg.optim.warmup_lr == 1e-5 and dpc.weighting == "reparam"
-        stage1 = DPC.stage1_config(cfg)
-        assert stage1 is not None and stage1[0].method == cfg.method_name, name
+        stage1 = run_needs(cfg).stage1
+        assert stage1 is not None and stage1.config.method == cfg.method_name, name
 
 
 def test_promptkd_text_branch_of_the_official_trainer(tmp_path: Path) -> None:

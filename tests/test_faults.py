@@ -42,8 +42,9 @@ from promptclip.faults import FaultSpecError, parse_fault_spec
 from promptclip.io import DiskFullError, atomic_write_json, atomic_write_with
 from promptclip.locks import pid_is_running
 from promptclip.methods.coop import CoOp, CoOpConfig
+from promptclip.recipes import resolve_recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "smoke" / "coop.yaml"
+RECIPE = resolve_recipe("smoke/coop")
 # 3 epochs of 2 optimiser steps (10 classes x 2 shots, batch 8, last partial batch dropped).
 OPTS = ["optim.epochs", "3", "optim.lr", "0.05"]
 
@@ -91,7 +92,7 @@ def temporaries(run_dir: Path) -> list[Path]:
 def assert_same_run(resumed: Path, straight: Path) -> None:
     a, b = json.loads((resumed / "results.json").read_text()), json.loads((straight / "results.json").read_text())
     assert a["evaluations"] == b["evaluations"]  # per-class integer counts
-    assert a["config_hash"] == b["config_hash"] and a["train"]["steps"] == b["train"]["steps"] == 6
+    assert a["run_id"] == b["run_id"] and a["train"]["steps"] == b["train"]["steps"] == 6
     assert a["train"]["final_loss"] == b["train"]["final_loss"]
     prompt_a = load_file(str(resumed / "prompt" / "prompt.safetensors"))
     prompt_b = load_file(str(straight / "prompt" / "prompt.safetensors"))

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from promptclip.config import build_run_config
-from promptclip.protocols import runner
 from promptclip.protocols.spec import (
     CROSS_DATASET_TARGETS,
     DG_TARGETS,
@@ -19,6 +18,9 @@ from promptclip.protocols.spec import (
     parse_shard,
     take_shard,
 )
+from promptclip.runs import execution as runs_execute
+from promptclip.runs import inputs as run_inputs
+from promptclip.runs.errors import RunError
 
 
 def cfg(method: str = "coop"):
@@ -152,40 +154,47 @@ def test_random_backbones_do_not_depend_on_or_consume_the_run_seed() -> None:
 
     run_cfg = build_run_config({"method": "coop", "model": {"arch": "tiny-vit", "weights": "random"}})
     torch.manual_seed(1)
-    first = runner.load_backbone(run_cfg, torch.device("cpu")).state_dict()
+    first = run_inputs.load_backbone(run_cfg, torch.device("cpu")).state_dict()
     torch.manual_seed(2)
     expected_draw = torch.rand(3)
     torch.manual_seed(2)
-    second = runner.load_backbone(run_cfg, torch.device("cpu")).state_dict()
+    second = run_inputs.load_backbone(run_cfg, torch.device("cpu")).state_dict()
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_finished_runs_are_skipped_without_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    specs = expand("few_shot", cfg(), sweep(tmp_path, datasets=["synthetic_shapes"], shots=[1], seeds=[1, 2]))
-    done = specs[0]
-    done.run_dir.mkdir(parents=True)
-    done.results_path.write_text(json.dumps({"schema": 1, "evaluations": {}}))
+    from promptclip.runs import plan_run
+    from promptclip.runs.rundir import claim_recipe_folder
+
+    run_cfg = build_run_config({"method": "coop", "model": {"arch": "tiny-vit", "weights": "random"}})
+    specs = expand("few_shot", run_cfg, sweep(tmp_path, datasets=["synthetic_shapes"], shots=[1], seeds=[1, 2]))
+    done = plan_run(specs[0], run_cfg)
+    claim_recipe_folder(specs[0].run_dir.parents[1], done.identity)
+    done.run_dir.path.mkdir(parents=True)
+    results = {"schema": 2, "identity": done.identity.to_json(), "evaluations": {}}
+    done.run_dir.results.write_text(json.dumps(results))
     executed: list[Any] = []
 
-    def fake_execute(spec: Any, *args: Any, **kwargs: Any) -> runner.RunOutcome:
-        executed.append(spec)
-        return runner.RunOutcome(spec, "done", {})
+    def fake_work(planned: Any, *args: Any, **kwargs: Any) -> runs_execute.RunOutcome:
+        executed.append(planned.spec)
+        return runs_execute.RunOutcome(planned.spec, "done")
 
-    monkeypatch.setattr(runner, "execute", fake_execute)
-    outcomes = runner.run_specs(specs, cfg(), report=lambda message: None)
+    monkeypatch.setattr(runs_execute, "_execute_locked", fake_work)
+    monkeypatch.setattr(runs_execute, "_read", lambda run_dir: None)
+    outcomes = runs_execute.run_specs(specs, run_cfg, report=lambda message: None)
     assert [o.status for o in outcomes] == ["skipped", "done"]
     assert executed == [specs[1]]
-    assert done.finished and not specs[1].finished
+    assert done.finished and not plan_run(specs[1], run_cfg).finished
 
 
 def test_dataset_options_go_to_the_datasets_that_take_them() -> None:
     run_cfg = build_run_config(
         {"method": "coop", "data": {"options": {"train_per_class": 3, "synthetic_scenes": {"train_per_class": 5}}}}
     )
-    assert runner.dataset_options(run_cfg, "synthetic_shapes") == {"train_per_class": 3}
-    assert runner.dataset_options(run_cfg, "synthetic_scenes") == {"train_per_class": 5}
-    assert runner.dataset_options(run_cfg, "dtd") == {}
-    runner.check_dataset_options(run_cfg, ["synthetic_shapes", "dtd"])
-    with pytest.raises(runner.RunError, match=r"data\.options: train_per_class"):
-        runner.check_dataset_options(run_cfg, ["dtd"])
+    assert run_inputs.dataset_options(run_cfg, "synthetic_shapes") == {"train_per_class": 3}
+    assert run_inputs.dataset_options(run_cfg, "synthetic_scenes") == {"train_per_class": 5}
+    assert run_inputs.dataset_options(run_cfg, "dtd") == {}
+    run_inputs.check_dataset_options(run_cfg, ["synthetic_shapes", "dtd"])
+    with pytest.raises(RunError, match=r"data\.options: train_per_class"):
+        run_inputs.check_dataset_options(run_cfg, ["dtd"])

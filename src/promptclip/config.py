@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from promptclip.io import atomic_write_text
+from promptclip.registry import METHODS, PLUGINS
 
 T = TypeVar("T")
 
@@ -127,7 +128,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
@@ -190,19 +191,11 @@ def to_dict(obj: Any) -> Any:
 
 
 def _method_config_class(name: str) -> type:
-    from promptclip.methods import load_all
-    from promptclip.registry import METHODS
-
-    load_all()
-    return METHODS.get(name).Config
+    return METHODS.get(name).Config  # type: ignore[no-any-return]
 
 
 def _plugin_config_class(name: str) -> type:
-    from promptclip.plugins import load_all
-    from promptclip.registry import PLUGINS
-
-    load_all()
-    return PLUGINS.get(name).Config
+    return PLUGINS.get(name).Config  # type: ignore[no-any-return]
 
 
 def build_run_config(data: Mapping[str, Any], source: str = "config") -> RunConfig:

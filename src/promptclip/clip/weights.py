@@ -386,6 +386,17 @@ def build_clip(checkpoint: Checkpoint, requested: ArchConfig | None = None) -> C
     return model
 
 
+def weights_files(name_or_path: str | os.PathLike[str], weights: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The file(s) `load_clip(name_or_path, weights)` would read, in the order its sha256 covers them, found
+    without reading any weights (a run's identity names the backbone before loading it)."""
+    path = Path(weights).expanduser() if weights is not None else resolve(name_or_path)[1]
+    if path.is_dir():
+        return _hf_weight_files(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"{path}: weights file not found; check --weights / model.weights")
+    return [path]
+
+
 def load_clip(
     name_or_path: str | os.PathLike[str],
     weights: str | os.PathLike[str] | None = None,

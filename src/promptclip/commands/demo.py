@@ -10,7 +10,6 @@ on the base half of each task's classes (16 shots) and tested on the base and th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -156,8 +155,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from promptclip.cli import CLIError
     from promptclip.commands.run import user_errors
-    from promptclip.protocols.runner import RunOptions, execute
     from promptclip.protocols.spec import Sweep, expand
+    from promptclip.runs import RunOptions, execute
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,12 +175,13 @@ def run_demo(args: argparse.Namespace) -> int:
             cfg = demo_config(item, args.device, args.epochs, args.arch, args.weights, clip.config.vision.layers)
             jobs += [(spec, cfg) for spec in expand("base2new", cfg, sweep)]
         options = RunOptions(progress=False, echo=False)
+        folders = []
         with tqdm(jobs, desc="demo", unit="run", dynamic_ncols=True) as bar:
             for spec, cfg in bar:
                 bar.set_postfix_str(f"{spec.method} on {spec.dataset}")
-                _check_previous_run(spec, clip)
-                execute(spec, cfg, options)
-        table = demo_table(args.out, [spec for spec, _ in jobs])
+                outcome = execute(spec, cfg, options)  # a finished run of the same identity is reused
+                folders.append(outcome.run_dir.path if outcome.run_dir is not None else spec.run_dir)
+        table = demo_table(args.out, folders)
     shots = DEMO_DATA["shots"]
     title = f"Base-to-novel on the synthetic world, {args.arch} CLIP, {shots} shots, seed {args.seed} (accuracy %)"
     text = method_table(table, [m.method for m in methods])
@@ -197,12 +197,12 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_table(runs_dir: Path, specs: Sequence[Any]) -> Any:
-    """The base-to-novel report table of exactly these runs (other runs in the folder are left out)."""
+def demo_table(runs_dir: Path, folders: Sequence[Path]) -> Any:
+    """The base-to-novel report table of exactly the runs in `folders` (other runs are left out)."""
     from promptclip.reports.collect import ResultIndex, collect_runs
     from promptclip.reports.tables import build_tables
 
-    wanted = {spec.run_dir.resolve() for spec in specs}
+    wanted = {Path(folder).resolve() for folder in folders}
     runs = [run for run in collect_runs(runs_dir).runs if run.path.parent.resolve() in wanted]
     return next(t for t in build_tables(ResultIndex(runs)) if t.kind == "base2new")
 
@@ -232,20 +232,6 @@ def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
 def _rank(label: str, order: Sequence[str]) -> tuple[int, str]:
     name = label.split(" ")[0]
     return (order.index(name) if name in order else len(order), label)
-
-
-def _check_previous_run(spec: Any, clip: Any) -> None:
-    """A finished run is reused only when it was made with the same CLIP weights."""
-    from promptclip.cli import CLIError
-
-    if not spec.finished:
-        return
-    backbone = json.loads(spec.results_path.read_text(encoding="utf-8")).get("backbone", {})
-    if backbone.get("weights_sha256") != clip.weights_sha256 or backbone.get("arch") != clip.config.name:
-        raise CLIError(
-            f"{spec.run_dir} holds a run made with another CLIP ({backbone.get('arch')}); "
-            "choose another --out folder for this demo"
-        )
 
 
 def _check_backbone(arch: str, weights: str | None) -> Any:

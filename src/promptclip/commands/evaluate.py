@@ -81,38 +81,39 @@ def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | No
 
 def run_eval(args: argparse.Namespace) -> int:
     from promptclip.clip.weights import load_clip
+    from promptclip.config import DataConfig, ModelConfig, RunConfig
     from promptclip.data.commands import dataset_options_from_args
-    from promptclip.data.datasets import build_dataset
     from promptclip.data.fewshot import subsample_classes
-    from promptclip.data.loader import build_loader
-    from promptclip.engine.evaluate import evaluate
-    from promptclip.methods.base import PromptModel
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.protocols.spec import EvalTarget
+    from promptclip.runs.evaluation import evaluate_target
+    from promptclip.runs.inputs import DatasetCache, resolve_device
 
     prompt_dir = Path(args.prompt) if args.prompt else None
     with user_errors():
         device = resolve_device(args.device)
         arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
         clip = load_clip(arch, weights, device=device)
-        splits = subsample_classes(
-            build_dataset(args.dataset, args.root, **dataset_options_from_args(args)), args.subsample
+        # The same evaluation pipeline as a run's (`promptclip.runs.evaluation`), on the flags' data.
+        data = DataConfig(
+            dataset=args.dataset,
+            root=args.root,
+            eval_batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            options={args.dataset: dataset_options_from_args(args)},
         )
+        cfg = RunConfig(model=ModelConfig(precision=args.precision), data=data)
+        datasets = DatasetCache(cfg)
+        splits = subsample_classes(datasets.get(args.dataset), args.subsample)
         if prompt_dir is not None:
-            learner = _load_prompt(PromptModel, clip, prompt_dir, splits.classnames, splits.template)
+            learner = _load_prompt(clip, prompt_dir, splits.classnames)
         else:
             learner = _load_official(args, clip, splits.classnames, splits.template)
         learner = learner.to(device)
-        from promptclip.protocols.runner import set_eval_subset
-
         # Plug-ins that weight prompts per class subset (DPC) are told which subset this is, explicitly.
-        set_eval_subset(learner, "new" if args.subsample == "new" else "base")
-        loader = build_loader(
-            splits, args.split, batch_size=args.batch_size, train=False, image_size=clip.image_size,
-            num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        )  # fmt: skip
-        counts = evaluate(
-            learner, loader, device=device, precision=args.precision, progress=False if args.no_progress else None
-        )
+        subset = "new" if args.subsample == "new" else "base"
+        target = EvalTarget(args.subsample, args.dataset, args.subsample, args.split)
+        progress = False if args.no_progress else None
+        counts = evaluate_target(learner, target, subset, datasets, cfg, clip, device, progress)
     entry: dict[str, Any] = {
         "prompt": str(prompt_dir if prompt_dir is not None else args.official),
         "dataset": args.dataset,
@@ -134,17 +135,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_prompt(model_cls: Any, clip: Any, prompt_dir: Path, classnames: list[str], template: str) -> Any:
+def _load_prompt(clip: Any, prompt_dir: Path, classnames: list[str]) -> Any:
     from promptclip.cli import CLIError
+    from promptclip.factory import from_pretrained
 
     try:
-        learner = model_cls.from_pretrained(clip, prompt_dir, classnames=classnames)
+        return from_pretrained(clip, prompt_dir, classnames=classnames)
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from None
-    from promptclip.protocols.runner import set_template
-
-    set_template(learner, template)
-    return learner
 
 
 def _load_official(args: argparse.Namespace, clip: Any, classnames: list[str], template: str) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptclip.classnames import prompt_name
 from promptclip.commands.run import user_errors
 
 
@@ -46,7 +47,7 @@ def run_explain(args: argparse.Namespace) -> int:
     from promptclip.commands.evaluate import backbone_source
     from promptclip.commands.predict import build_predictor, class_list, load_images
     from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.runs.inputs import resolve_device
 
     if args.size < 32:
         raise CLIError("--size must be at least 32 pixels")
@@ -78,7 +79,7 @@ def _target_class(name: str | None, learner: Any, pixels: torch.Tensor) -> int:
         with torch.no_grad():
             learner.eval()
             return int(learner({"image": pixels}).logits.argmax(dim=-1)[0])
-    wanted = name.replace("_", " ")
+    wanted = prompt_name(name)
     if wanted not in learner.classnames:
         shown = ", ".join(learner.classnames[:10]) + (" ..." if len(learner.classnames) > 10 else "")
         raise CLIError(f"--class {name!r} is not one of the classes ({shown})")

@@ -89,7 +89,7 @@ def run_gradcam(args: argparse.Namespace) -> int:
     from promptclip.cli import CLIError
     from promptclip.clip.weights import load_clip
     from promptclip.commands.evaluate import backbone_source
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.runs.inputs import resolve_device
 
     if not 0.0 <= args.threshold <= 1.0:
         raise CLIError(f"--threshold {args.threshold}: give a value in [0, 1]")
@@ -158,9 +158,7 @@ def _scoring_learner(clip: Any, prompt_dir: Path | None, splits: Any) -> Any:
     if prompt_dir is None:
         return ZeroShotCLIP(clip, splits.classnames, ZeroShotConfig(), template=splits.template).to(device)
     learner = PromptModel.from_pretrained(clip, prompt_dir, classnames=splits.classnames).to(device)
-    from promptclip.protocols.runner import set_template
-
-    set_template(learner, splits.template)
+    learner.set_template(splits.template)
     return learner
 
 

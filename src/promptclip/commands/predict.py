@@ -58,7 +58,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from promptclip.cli import CLIError
     from promptclip.clip.weights import load_clip
     from promptclip.engine.evaluate import predict_probabilities
-    from promptclip.protocols.runner import resolve_device
+    from promptclip.runs.inputs import resolve_device
 
     if args.topk < 1:
         raise CLIError("--topk must be at least 1")
@@ -114,9 +114,7 @@ def build_predictor(
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(str(err)) from None
     if template:
-        from promptclip.protocols.runner import set_template
-
-        set_template(learner, template)
+        learner.set_template(template)
     return learner
 
 

@@ -29,8 +29,8 @@ def user_errors() -> Iterator[None]:
     from promptclip.engine.checkpoint import CheckpointError
     from promptclip.engine.train import NonFiniteLossError
     from promptclip.io import DISK_FULL_ERRNOS, DiskFullError
-    from promptclip.protocols.runner import RunError
     from promptclip.protocols.spec import ProtocolError
+    from promptclip.runs import RunError
 
     try:
         yield
@@ -63,22 +63,38 @@ def load_config(
         # A plain method's recipe may take plug-ins on top: `--recipe maple/... --method maple+dapt`.
         if data.get("method") not in (None, method, method.split("+")[0]):
             raise ConfigError(
-                f"{source}: this recipe is for method {data['method']!r}, not {method!r}; pick a recipe under "
-                f"configs/{method.split('+')[0]}/ or leave out --method"
+                f"{source}: this recipe is for method {data['method']!r}, not {method!r}; pick a "
+                f"{method.split('+')[0]}/... recipe (`promptclip list recipes`) or leave out --method"
             )
         data["method"] = method
     elif "method" not in data:
         raise ConfigError(f"{source}: no method given; pass --method (see `promptclip list methods`) or a recipe")
     if data_overrides:
-        section = dict(data.get("data") or {})
-        section.update({k: v for k, v in data_overrides.items() if v is not None})
-        data["data"] = section
+        data["data"] = with_data_overrides(data.get("data") or {}, data_overrides, source)
     return build_run_config(apply_overrides(data, list(opts)), source=source)
+
+
+def with_data_overrides(section: dict[str, Any], overrides: dict[str, Any], source: str) -> dict[str, Any]:
+    """The recipe's `data` section with the flags given (None: not given); `name` (--name) is a dataset option."""
+    section = dict(section)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "name" in given:
+        options = section.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: data.options must be a mapping of dataset options, not {options!r}")
+        section["options"] = {**options, "name": given.pop("name")}
+    section.update(given)
+    return section
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every training command takes."""
     parser.add_argument("--root", help="data root holding the dataset folders (CoOp's DATA layout)")
+    parser.add_argument(
+        "--name",
+        help="name of your own data (folder, csv) in run folders and reports, i.e. data.options.name "
+        "(default: the root folder's name)",
+    )
     parser.add_argument(
         "--opts",
         nargs="+",
@@ -89,16 +105,23 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--runs-dir", help="root of the run folders (default: the config's output_dir, 'runs')")
     parser.add_argument("--resume", action="store_true", help="continue interrupted runs from checkpoints/last.pt")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a run folder that holds something else (your files, a run of another configuration, an interrupted "
+        "run) is moved aside to <folder>.replaced-<time> and the run starts there; nothing is deleted",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway without a TTY)")
     parser.add_argument("--tensorboard", action="store_true", help="also log to <run>/tensorboard (needs tensorboard)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary (log.txt still gets it all)")
 
 
 def run_options(args: argparse.Namespace) -> Any:
-    from promptclip.protocols.runner import RunOptions
+    from promptclip.runs import RunOptions
 
     return RunOptions(
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=False if (args.no_progress or args.quiet) else None,
         tensorboard=args.tensorboard,
         echo=not args.quiet,
@@ -131,7 +154,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("protocol", choices=PROTOCOL_NAMES)
     parser.add_argument("--method", help="method (and plug-ins), e.g. coop or maple+dapt; default: the recipe's")
-    parser.add_argument("--recipe", help="recipe file or name under configs/ (e.g. coop/vit_b16_ctxv1)")
+    parser.add_argument("--recipe", help="recipe file or name from `promptclip list recipes` (e.g. coop/vit_b16_ctxv1)")
     parser.add_argument(
         "--datasets", help="comma-separated datasets (transfer protocols: the sources, default imagenet)"
     )
@@ -157,13 +180,8 @@ def run_protocol(args: argparse.Namespace) -> int:
     with user_errors():
         specs, cfg = plan(args)
         if args.dry_run:
-            for spec in specs:
-                state = "done" if spec.finished else "todo"
-                print(f"{state}  {spec.run_dir}  ({spec.describe()})")
-            todo = sum(not spec.finished for spec in specs)
-            print(f"{len(specs)} runs, {len(specs) - todo} done, {todo} to run")
-            return 0
-        from promptclip.protocols.runner import run_specs
+            return dry_run(specs, cfg)
+        from promptclip.runs import run_specs
 
         outcomes = run_specs(specs, cfg, run_options(args), keep_going=args.keep_going)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -181,12 +199,36 @@ def run_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+DRY_RUN_STATES = {
+    "empty": "todo",
+    "finished": "done",
+    "started": "todo",
+    "interrupted": "interrupted (--resume continues it)",
+    "other": "blocked (holds another run; --overwrite moves it aside)",
+    "foreign": "blocked (holds other files; --overwrite moves them aside)",
+}
+
+
+def dry_run(specs: Sequence[Any], cfg: RunConfig) -> int:
+    """Print each run's folder and state (done, todo, interrupted, blocked) without running or writing."""
+    from promptclip.runs import plan_run
+
+    done = 0
+    for spec in specs:
+        planned = plan_run(spec, cfg)
+        state = planned.state().value
+        done += state == "finished"
+        print(f"{DRY_RUN_STATES[state]}  {planned.run_dir.path}  ({spec.describe()})")
+    print(f"{len(specs)} runs, {done} done, {len(specs) - done} to run")
+    return 0
+
+
 def plan(args: argparse.Namespace) -> tuple[list[Any], RunConfig]:
     """The specs of this invocation (after --shard) and the base config."""
     from promptclip.protocols.spec import Sweep, expand, parse_shard, take_shard
 
     recipe = resolve_recipe(args.recipe) if args.recipe else None
-    cfg = load_config(recipe, args.method, args.opts, {"root": args.root})
+    cfg = load_config(recipe, args.method, args.opts, {"root": args.root, "name": args.name})
     default_sources = [cfg.data.dataset] if args.protocol not in ("cross_dataset", "domain_generalization") else []
     sweep = Sweep(
         datasets=split_list(args.datasets, str, "--datasets") or default_sources,

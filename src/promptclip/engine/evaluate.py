@@ -37,6 +37,17 @@ class EvalCounts:
     classnames: list[str]
     correct: list[int]
     total: list[int]
+    errors: list[tuple[int, int, int]] | None = None
+    """(true, predicted, count) of each non-zero off-diagonal cell of the confusion matrix, when known."""
+
+    @classmethod
+    def from_confusion(cls, classnames: Sequence[str], confusion: torch.Tensor) -> EvalCounts:
+        """Counts of a [C, C] confusion matrix (rows: true class, columns: predicted class)."""
+        off_diagonal = confusion.clone()
+        off_diagonal.fill_diagonal_(0)
+        cells = off_diagonal.nonzero().tolist()
+        errors = [(true, predicted, int(off_diagonal[true, predicted])) for true, predicted in cells]
+        return cls(list(classnames), confusion.diagonal().tolist(), confusion.sum(dim=1).tolist(), errors)
 
     @property
     def num_samples(self) -> int:
@@ -67,6 +78,7 @@ class EvalCounts:
             "total": list(self.total),
             "accuracy": round(self.accuracy, 4),
             "macro_accuracy": round(self.macro_accuracy, 4),
+            **({"errors": [list(cell) for cell in self.errors]} if self.errors is not None else {}),
         }
 
     @classmethod
@@ -119,8 +131,8 @@ def evaluate(
     device = torch.device(device) if device is not None else next(learner.parameters()).device
     names = list(learner.classnames)
     num_classes = len(names)
-    correct = torch.zeros(num_classes, dtype=torch.long)
-    total = torch.zeros(num_classes, dtype=torch.long)
+    # Rows: true class, columns: predicted class; correct and total are its diagonal and row sums.
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
     store = image_features if image_features is not None and learner.cacheable_image_features else None
     batches: Iterable[Mapping[str, Any]] = loader
     if store is not None:
@@ -137,15 +149,14 @@ def evaluate(
                     logits = _logits(learner, batch, store)
                 labels = batch["label"].to(torch.long)
                 _check_labels(labels, num_classes)
-                hits = (logits.float().argmax(dim=-1) == labels).cpu()
-                labels = labels.cpu()
-                total += torch.bincount(labels, minlength=num_classes)
-                correct += torch.bincount(labels[hits], minlength=num_classes)
+                predicted = logits.float().argmax(dim=-1)
+                cells = (labels * num_classes + predicted).cpu()
+                confusion += torch.bincount(cells, minlength=num_classes * num_classes)
     finally:
         learner.train(was_training)
     if data_parallel is not None:
-        correct, total = data_parallel.sum_counts(correct, total)
-    return EvalCounts(names, correct.tolist(), total.tolist())
+        (confusion,) = data_parallel.sum_counts(confusion)
+    return EvalCounts.from_confusion(names, confusion.view(num_classes, num_classes))
 
 
 def _logits(learner: PromptModel, batch: Mapping[str, Any], store: ImageFeatureStore | None) -> torch.Tensor:

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
+from promptclip.registry import METHOD_MODULES, METHODS
 
-METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "maple", "ivlp", "promptsrc", "promptkd")
+__all__ = ["METHOD_MODULES", "load_all"]
 
 
 def load_all() -> None:
-    """Import every method module that exists, filling the METHODS registry."""
-    for name in METHOD_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
+    """Import every method module, filling the METHODS registry."""
+    METHODS.load()

@@ -7,7 +7,10 @@ A learner wraps the frozen CLIP and a set of class names. The engine only ever c
 * `image_features(images)` -> [B, D] normalised, with the learner's visual prompts if it has any;
 * `forward(batch)` -> `LearnerOutput(logits, image_features, text_features)`;
 * `loss(batch, output)` -> named, already weighted loss terms (the engine sums them);
-* `set_classnames(names)`; `trainable_state()` / `load_trainable_state()`; `on_epoch_end(epoch, epochs)`.
+* `set_classnames(names)`; `trainable_state()` / `load_trainable_state()`; `on_epoch_end(epoch, epochs)`;
+* `set_template(template)`, `set_eval_subset("base" | "new")`, `training_state()` / `load_training_state()`;
+* `needs(cfg, run)` (a class method): what a run must supply beyond the data (`RunNeeds`: masks, a stage-1
+  run, transductive data, the training classes' full image set), read once by the run layer.
 
 Checkpoints hold only the trainable tensors (safetensors) plus a JSON config that names the backbone and the
 sha256 of its weights, so a prompt saved for one CLIP refuses to load onto another.
@@ -20,21 +23,79 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP, ArchConfig
 from promptclip.config import from_dict, to_dict
 from promptclip.io import atomic_write_json, atomic_write_with
+from promptclip.registry import METHODS, PLUGINS
 
 Batch = Mapping[str, Any]
 
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt.safetensors"
+
+
+EvalSubset = Literal["base", "new"]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A run that must finish before this one starts (DPC's stage 1): its whole configuration, and the recipe
+    name its folder takes (None: this run's). The run layer trains it as an ordinary run, or reuses it when a
+    finished run of the same identity exists, and hands its folder to the learner as `PluginContext.stage1_dir`."""
+
+    config: Any
+    """The stage's `RunConfig`: dataset, seed and backbone are this run's; shots and class subset come from
+    the run spec (a transductive stage in base2new trains on all classes with its own recipe's shots)."""
+    recipe: str | None = None
+
+
+@dataclass(frozen=True)
+class RunNeeds:
+    """What a learner (with its plug-ins) needs from a run beyond its training images and labels."""
+
+    masks: Any = None
+    """A `promptclip.data.masks.MaskConfig`: foreground masks of the training images, read and checked before
+    training (synthetic data bring exact masks); None: no masks."""
+    stage1: StagePlan | None = None
+    transductive: bool = False
+    """Trains on the unlabelled training images of every class, later evaluated ones included (PromptKD): the
+    base-to-novel protocol gives it all classes, and its results are marked."""
+    full_training_classes: bool = False
+    """Reads every training image of the training classes, not only the few-shot draw (DPC's `library: full`),
+    as `PluginContext.full_splits`."""
+
+    def merge(self, outer: RunNeeds) -> RunNeeds:
+        """The needs of a stack: this (inner) learner's, then those of a plug-in wrapped around it."""
+        if self.stage1 is not None and outer.stage1 is not None:
+            raise ValueError("two plug-ins of one stack each need a stage-1 run; stack at most one of them")
+        return RunNeeds(
+            masks=outer.masks if outer.masks is not None else self.masks,
+            stage1=outer.stage1 or self.stage1,
+            transductive=self.transductive or outer.transductive,
+            full_training_classes=self.full_training_classes or outer.full_training_classes,
+        )
+
+
+@dataclass
+class PluginContext:
+    """What a run supplies to plug-ins beyond the inner learner, as declared by their `needs()`."""
+
+    splits: Any = None
+    """The training run's DatasetSplits (after few-shot sampling and the class subset)."""
+    seed: int = 1
+    run_dir: Path | None = None
+    stage1_dir: Path | None = None
+    """The finished stage-1 run folder (`RunNeeds.stage1`)."""
+    full_splits: Any = None
+    """The training classes before the few-shot draw (`RunNeeds.full_training_classes`)."""
 
 
 @dataclass
@@ -56,6 +117,8 @@ class PromptModel(nn.Module):
     # [B, C, D], and `text_features()` is only the image-independent part of the prompts. Evaluation must go
     # through `forward` (`learner(batch).logits`), which is right for every method.
     image_conditioned_text: ClassVar[bool] = False
+    # True when the learner trains on the unlabelled images of every class (PromptKD; see `RunNeeds`).
+    transductive: bool = False
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], cfg: Any, template: str = "a photo of a {}.") -> None:
         super().__init__()
@@ -64,7 +127,7 @@ class PromptModel(nn.Module):
         self.clip = clip
         self.cfg = cfg
         self.template = template
-        self.classnames: list[str] = [_clean_classname(n) for n in classnames]
+        self.classnames: list[str] = prompt_names(classnames)
         self._text_cache: torch.Tensor | None = None
 
     # -- the contract ------------------------------------------------------------------------------------
@@ -118,8 +181,32 @@ class PromptModel(nn.Module):
     def set_classnames(self, names: Sequence[str]) -> None:
         """Switch the class set (base -> new evaluation). Only class-dependent, non-persistent buffers are
         rebuilt; learned tensors are untouched."""
-        self.classnames = [_clean_classname(n) for n in names]
+        self.classnames = prompt_names(names)
         self.invalidate_cache()
+
+    @classmethod
+    def needs(cls, cfg: Any, run: Any) -> RunNeeds:
+        """What a run must supply to this learner with config `cfg` (its own config; `run` is the whole
+        `RunConfig`). Nothing beyond the images and labels by default."""
+        return RunNeeds()
+
+    encodes_sentences: ClassVar[bool] = False
+    """True when `encode_sentences` encodes whole hand-written sentences through the learned text prompts."""
+
+    def encode_sentences(self, sentences: Sequence[str]) -> torch.Tensor:
+        """[N, D] normalised features of whole sentences through the learned text prompts (deep text prompts
+        only: learners whose prompts wrap a class name cannot)."""
+        raise NotImplementedError(f"{self.name} has no sentence encoder (its prompts wrap class names)")
+
+    def set_template(self, template: str) -> None:
+        """Use another hand-written template (a transfer target's) for the parts of the prompt that are not
+        learned."""
+        self.template = template
+        self.invalidate_cache()
+
+    def set_eval_subset(self, which: EvalSubset) -> None:
+        """Whether the classes evaluated next are the ones the learner was trained on ("base") or any other
+        set ("new"). Learners that weigh their prompts by it (DPC) override this; the others ignore it."""
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """State a resumed run needs that is not part of the prompt (e.g. PromptSRC's running aggregate)."""
@@ -228,12 +315,10 @@ class PromptModel(nn.Module):
         method_cls = get_method(meta["method"])
         if cls is not PromptModel and not issubclass(method_cls, cls):
             raise ValueError(f"{directory}: holds a {meta['method']} prompt, not a {cls.name} one")
-        cfg = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
+        cfg: Any = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
         # Built for the class names it was saved with, then switched: class-specific tensors can refuse.
         learner = method_cls(clip, meta["classnames"], cfg, template=meta.get("template", "a photo of a {}."))
         if meta.get("plugins"):
-            from promptclip.plugins.base import wrap_with_plugins
-
             learner = wrap_with_plugins(learner, meta["plugins"])
         learner.load_trainable_state(read_prompt_weights(directory), source=str(directory))
         if classnames is not None and list(classnames) != meta["classnames"]:
@@ -248,10 +333,6 @@ def scaled_cosine_logits(scale: torch.Tensor, image: torch.Tensor, text: torch.T
     """`scale * image @ text.T` in fp32 even under autocast: near 100 * cos, bf16 logits would be coarse."""
     with torch.autocast(device_type=image.device.type, enabled=False):
         return scale.float() * image.float() @ text.float().t()
-
-
-def _clean_classname(name: str) -> str:
-    return name.replace("_", " ")
 
 
 def read_prompt_config(directory: Path) -> dict[str, Any]:
@@ -304,11 +385,19 @@ def _same_architecture(saved: Mapping[str, Any], clip: CLIP) -> bool:
 
 
 def get_method(name: str) -> type[PromptModel]:
-    from promptclip.methods import load_all
-    from promptclip.registry import METHODS
+    return METHODS.get(name)  # type: ignore[no-any-return]
 
-    load_all()
-    return METHODS.get(name)
+
+def wrap_with_plugins(
+    learner: PromptModel, plugins: Mapping[str, Any], context: PluginContext | None = None
+) -> PromptModel:
+    """Wrap `learner` in each plug-in of `plugins` (name -> config instance or plain mapping), in order."""
+    for name, cfg in plugins.items():
+        plugin_cls = PLUGINS.get(name)
+        if isinstance(cfg, Mapping):
+            cfg = from_dict(plugin_cls.Config, cfg, where=f"plugins.{name}")
+        learner = plugin_cls(learner, cfg, context)
+    return learner
 
 
 def get_prompt_model(
@@ -333,10 +422,6 @@ def get_prompt_model(
 
 
 def _method_for_config(cfg: Any) -> type[PromptModel]:
-    from promptclip.methods import load_all
-    from promptclip.registry import METHODS
-
-    load_all()
     for _, method_cls in METHODS.items():
         if type(cfg) is method_cls.Config:
             return method_cls

@@ -28,6 +28,7 @@ from promptclip.methods.base import PromptModel
 from promptclip.methods.prompting import (
     PLACEHOLDER,
     PromptParts,
+    TextEncodingConfig,
     assemble_prompts,
     context_init_from_text,
     encode_prompt_embeddings,
@@ -50,7 +51,7 @@ class PromptLayout:
 
 
 @dataclass
-class IVLPConfig:
+class IVLPConfig(TextEncodingConfig):
     n_ctx_text: int = 2
     """Text prompt tokens per layer; the first `n_ctx_text` words of `ctx_init` become the layer-0 tokens."""
     n_ctx_vision: int = 2
@@ -62,11 +63,6 @@ class IVLPConfig:
     ctx_init: str = "a photo of a"
     """Text prompt `<ctx_init> <class>.`; its first n_ctx_text tokens are learned, the rest stay fixed words.
     Empty: N(0, 0.02) tokens."""
-    text_chunk_size: int | None = None
-    """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
-    text_checkpoint: bool = False
-    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
-    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx_text, self.depth_text, self.n_ctx_vision, self.depth_vision, self.ctx_init)
@@ -86,17 +82,13 @@ class VPTConfig:
 
 
 @dataclass
-class DeepLanguageConfig:
+class DeepLanguageConfig(TextEncodingConfig):
     n_ctx: int = 4
     """Text prompt tokens per layer."""
     depth: int = 12
     """Text layers that receive fresh prompts (1: CoOp-like shallow prompting)."""
     ctx_init: str = "a photo of a"
     """Layer-0 tokens from these words (their first n_ctx tokens); empty: N(0, 0.02)."""
-    text_chunk_size: int | None = None
-    text_checkpoint: bool = False
-    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
-    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx, self.depth, 0, 0, self.ctx_init)
@@ -204,6 +196,7 @@ class DeepPromptModel(PromptModel):
     """Deep text prompts (`text`, may be None) and a vision-prompt hook; subclasses decide the vision side."""
 
     has_visual_prompts = True
+    encodes_sentences = True
 
     def __init__(
         self,
@@ -285,10 +278,10 @@ class DeepPromptModel(PromptModel):
         self._parts = None
 
     def _chunk_size(self) -> int | None:
-        return getattr(self.cfg, "text_chunk_size", None)
+        return self.cfg.text_chunk_size if isinstance(self.cfg, TextEncodingConfig) else None
 
     def _checkpoint(self) -> bool:
-        return bool(getattr(self.cfg, "text_checkpoint", False))
+        return isinstance(self.cfg, TextEncodingConfig) and self.cfg.text_checkpoint
 
     # -- vision side -------------------------------------------------------------------------------------
     def vision_prompts(self) -> tuple[torch.Tensor, DeepPrompts] | None:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promptclip.clip.model import CLIP
-from promptclip.methods.base import Batch, LearnerOutput, PromptModel, scaled_cosine_logits
+from promptclip.methods.base import Batch, LearnerOutput, PromptModel, RunNeeds, scaled_cosine_logits
 from promptclip.methods.ivlp import PromptLayout, TowerPrompts, check_layout, random_prompt
 from promptclip.methods.ivlp import convert_official_state as convert_official_prompts
 from promptclip.methods.promptsrc import mean_kl
@@ -90,8 +91,12 @@ class PromptKD(PromptModel):
     name = "promptkd"
     Config = PromptKDConfig
     has_visual_prompts = True
-    # The method's protocol is transductive; an instance follows its config flag (read by the runner).
+    # The method's protocol is transductive; an instance follows its config flag.
     transductive: bool = True
+
+    @classmethod
+    def needs(cls, cfg: PromptKDConfig, run: Any) -> RunNeeds:
+        return RunNeeds(transductive=cfg.transductive)
 
     def __init__(
         self,

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
+from promptclip.registry import PLUGIN_MODULES, PLUGINS
 
-PLUGIN_MODULES = ("dapt", "dpc")
+__all__ = ["PLUGIN_MODULES", "load_all"]
 
 
 def load_all() -> None:
-    for name in PLUGIN_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
+    """Import every plugin module, filling the PLUGINS registry."""
+    PLUGINS.load()

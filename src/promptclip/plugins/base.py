@@ -8,26 +8,21 @@ changes (DAPT: `loss`; DPC: the parameters the inner learner runs with). No back
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from promptclip.config import from_dict, to_dict
-from promptclip.methods.base import Batch, LearnerOutput, PromptModel
+from promptclip.config import to_dict
+from promptclip.methods.base import (
+    Batch,
+    EvalSubset,
+    LearnerOutput,
+    PluginContext,
+    PromptModel,
+    wrap_with_plugins,
+)
 
-
-@dataclass
-class PluginContext:
-    """What the runner supplies to plug-ins beyond the inner learner."""
-
-    splits: Any = None
-    """The training run's DatasetSplits (after few-shot sampling and the class subset)."""
-    seed: int = 1
-    run_dir: Path | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Protocol-specific inputs (e.g. DPC's stage-1 prompt folder)."""
+__all__ = ["PluginContext", "PluginModel", "wrap_with_plugins"]
 
 
 class PluginModel(PromptModel):
@@ -48,8 +43,15 @@ class PluginModel(PromptModel):
         return getattr(self.inner, "image_conditioned_text", False)
 
     @property
-    def transductive(self) -> bool:
-        return bool(getattr(self.inner, "transductive", False))
+    def transductive(self) -> bool:  # type: ignore[override]
+        return self.inner.transductive
+
+    @property
+    def encodes_sentences(self) -> bool:  # type: ignore[override]
+        return self.inner.encodes_sentences
+
+    def encode_sentences(self, sentences: Sequence[str]) -> torch.Tensor:
+        return self.inner.encode_sentences(sentences)
 
     def compute_text_features(self) -> torch.Tensor:
         return self.inner.compute_text_features()
@@ -73,6 +75,22 @@ class PluginModel(PromptModel):
         self.inner.set_classnames(names)
         super().set_classnames(names)
 
+    def set_template(self, template: str) -> None:
+        self.inner.set_template(template)
+        super().set_template(template)
+
+    def set_eval_subset(self, which: EvalSubset) -> None:
+        self.inner.set_eval_subset(which)
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The inner learner's (e.g. PromptSRC's running aggregate) under `inner.`, so a plug-in over any
+        learner resumes exactly; plug-ins with state of their own add to it."""
+        return {f"inner.{k}": v for k, v in self.inner.training_state().items()}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        prefix = "inner."
+        self.inner.load_training_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         self.inner.on_epoch_start(epoch, epochs)
 
@@ -90,19 +108,3 @@ class PluginModel(PromptModel):
     def describe(self) -> dict[str, Any]:
         inner = self.inner.describe()
         return {**inner, "plugins": {**inner["plugins"], self.name: to_dict(self.cfg)}}
-
-
-def wrap_with_plugins(
-    learner: PromptModel, plugins: Mapping[str, Any], context: PluginContext | None = None
-) -> PromptModel:
-    """Wrap `learner` in each plug-in of `plugins` (name -> config instance or plain mapping), in order."""
-    from promptclip.plugins import load_all
-    from promptclip.registry import PLUGINS
-
-    load_all()
-    for name, cfg in plugins.items():
-        plugin_cls = PLUGINS.get(name)
-        if isinstance(cfg, Mapping):
-            cfg = from_dict(plugin_cls.Config, cfg, where=f"plugins.{name}")
-        learner = plugin_cls(learner, cfg, context)
-    return learner

@@ -34,7 +34,7 @@ time needs no masks. docs/dapt.md lists every difference from the official code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from promptclip.clip.tokenizer import tokenize
 from promptclip.clip.transforms import CLIP_MEAN, CLIP_STD
 from promptclip.data.masks import MaskConfig
-from promptclip.methods.base import Batch, LearnerOutput, PromptModel
+from promptclip.methods.base import Batch, LearnerOutput, PromptModel, RunNeeds
 from promptclip.plugins.base import PluginContext, PluginModel
 from promptclip.plugins.gradcam import DEFAULT_THRESHOLD, gradcam_layer, gradcam_masks
 from promptclip.registry import PLUGINS
@@ -153,14 +153,10 @@ class DAPT(PluginModel):
         self._warned_no_mask = False
 
     # -- masks ---------------------------------------------------------------------------------------------
-    @property
-    def needs_masks(self) -> bool:
-        """True when training batches must carry the dataset's masks (DAPT-S)."""
-        return self.cfg.mask_source == "data"
-
-    @property
-    def mask_config(self) -> MaskConfig:
-        return self.cfg.mask
+    @classmethod
+    def needs(cls, cfg: DAPTConfig, run: Any) -> RunNeeds:
+        """DAPT-S reads the dataset's foreground masks (checked before training); DAPT-G makes its own."""
+        return RunNeeds(masks=cfg.mask if cfg.mask_source == "data" else None)
 
     # -- schedule ------------------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -211,7 +207,7 @@ class DAPT(PluginModel):
     def uses_labels(self) -> bool:
         """Whether the foreground term and Grad-CAM read the labels (else the whole image's prediction)."""
         if self.cfg.labels == "auto":
-            return not bool(getattr(self.inner, "transductive", False))
+            return not self.inner.transductive
         return self.cfg.labels == "ground_truth"
 
     def step_mask(self, batch: Batch) -> torch.Tensor | None:
@@ -303,7 +299,7 @@ class DAPT(PluginModel):
     def background_text_mode(self) -> str:
         mode = self.cfg.background_text
         if mode == "auto":
-            return "sentences" if callable(getattr(self.inner, "encode_sentences", None)) else "classnames"
+            return "sentences" if self.inner.encodes_sentences else "classnames"
         return mode
 
     def background_text_features(self) -> torch.Tensor:
@@ -313,13 +309,12 @@ class DAPT(PluginModel):
         if mode == "frozen":
             return self._frozen_background_features()
         if mode == "sentences":
-            encode = getattr(self.inner, "encode_sentences", None)
-            if not callable(encode):
+            if not self.inner.encodes_sentences:
                 raise ValueError(
                     f"dapt: background_text 'sentences' needs a learner with deep text prompts; "
                     f"{self.inner.name} has none (use 'classnames' or 'frozen')"
                 )
-            return encode(self.background_sentences()).float()
+            return self.inner.encode_sentences(self.background_sentences()).float()
         try:
             return self.inner.encode_classnames(list(self.cfg.background_classes)).float()
         except ValueError as err:
@@ -337,13 +332,6 @@ class DAPT(PluginModel):
                 features = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
             self._frozen_background = (key, features)
         return self._frozen_background[1]
-
-    # -- state the engine may carry through a checkpoint (e.g. PromptSRC's prompt aggregation) ---------------
-    def training_state(self) -> dict[str, torch.Tensor]:
-        return self.inner.training_state()
-
-    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.inner.load_training_state(state)
 
 
 # ---------------------------------------------------------------------------------------------------------

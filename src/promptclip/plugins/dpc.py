@@ -37,12 +37,13 @@ import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP
 from promptclip.config import ConfigError, RunConfig, build_run_config, from_dict, load_recipe, to_dict
 from promptclip.data.loader import derive_seed
@@ -51,16 +52,19 @@ from promptclip.methods.base import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     Batch,
+    EvalSubset,
     LearnerOutput,
+    PluginContext,
     PromptModel,
+    RunNeeds,
+    StagePlan,
     check_backbone,
     read_prompt_config,
 )
-from promptclip.plugins.base import PluginContext, PluginModel
+from promptclip.plugins.base import PluginModel
 from promptclip.plugins.hard_negatives import PictureLibrary, select_negatives, symmetric_contrastive_loss
 from promptclip.registry import PLUGINS
 
-EvalSubset = Literal["base", "new"]
 STAGE1_PREFIX = "stage1."
 _NEGATIVE_STREAM = 11  # derived-seed stream of the negative draws (the loader uses 1-4)
 
@@ -141,9 +145,12 @@ class DPC(PluginModel):
 
     name = "dpc"
     Config = DPCConfig
-    requires_stage1: ClassVar[bool] = True
-    """The runner trains (or reuses) the run `stage1_config` describes and passes its folder to the plug-in
-    as `PluginContext.extras["stage1_dir"]`."""
+
+    @classmethod
+    def needs(cls, cfg: DPCConfig, run: RunConfig) -> RunNeeds:
+        """A stage-1 run of the learner this plug-in wraps (unless `stage1_prompt` names a saved one), and with
+        `library: full` the training classes' full image set for the hard negatives' pictures."""
+        return RunNeeds(stage1=stage1_plan(run, cls.name), full_training_classes=cfg.library == "full")
 
     def __init__(self, inner: PromptModel, cfg: DPCConfig, context: PluginContext | None = None) -> None:
         check_dpc_config(cfg)
@@ -154,7 +161,7 @@ class DPC(PluginModel):
             )
         super().__init__(inner, cfg, context)
         if context is not None:
-            stage1 = context.extras.get("stage1_dir") or cfg.stage1_prompt
+            stage1 = context.stage1_dir or cfg.stage1_prompt
             if stage1:
                 load_stage1_prompt(inner, Path(stage1))
         self.tuned_names = tuned_tensor_names(inner, cfg.also_tune)
@@ -227,6 +234,7 @@ class DPC(PluginModel):
         mix). Training always uses the base prompt."""
         if which not in ("base", "new"):
             raise ValueError(f"dpc: eval subset {which!r}; choose 'base' (tuned classes) or 'new' (other classes)")
+        super().set_eval_subset(which)
         if which != self.eval_subset:
             self.eval_subset = which
             self.invalidate_cache()
@@ -363,13 +371,6 @@ class DPC(PluginModel):
         atomic_write_with(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
         return directory
 
-    # -- the stage-1 run -----------------------------------------------------------------------------------
-    @classmethod
-    def stage1_config(cls, cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str | None] | None:
-        """The stage-1 run of `cfg` (a run config whose plug-ins include `name`): (its config, its recipe name,
-        None meaning this run's), or None when `stage1_prompt` names a saved prompt to start from."""
-        return stage1_run_config(cfg, name)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
@@ -439,19 +440,19 @@ def load_stage1_prompt(inner: PromptModel, path: Path) -> None:
 def build_picture_library(
     context: PluginContext, cfg: DPCConfig, classnames: Sequence[str], clip: CLIP
 ) -> PictureLibrary:
-    key = "full_splits" if cfg.library == "full" else None
-    splits = context.extras.get(key) if key else context.splits
+    full = cfg.library == "full"
+    splits = context.full_splits if full else context.splits
     if splits is None:
         where = (
-            'PluginContext.extras["full_splits"] (the training classes before the few-shot draw)'
-            if key
+            "PluginContext.full_splits (the training classes before the few-shot draw)"
+            if full
             else "PluginContext.splits (the run's training data)"
         )
         raise RuntimeError(
             f"dpc: training needs a picture library for the hard negatives, built from {where}; build the "
             "learner through the runner or pass that context"
         )
-    names = [n.replace("_", " ") for n in splits.classnames]
+    names = prompt_names(splits.classnames)
     if names != list(classnames):
         raise ValueError(
             f"dpc: the picture library's classes ({len(names)}, {splits.name}) are not the training classes "
@@ -461,8 +462,9 @@ def build_picture_library(
     return PictureLibrary.from_splits(splits, clip.image_size, source=source)
 
 
-def stage1_run_config(cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str | None] | None:
-    """See `DPC.stage1_config`."""
+def stage1_plan(cfg: RunConfig, name: str = "dpc") -> StagePlan | None:
+    """The stage-1 run of `cfg` (a run config whose plug-ins include `name`): the run of the stack below this
+    plug-in with the same method config, or None when `stage1_prompt` names a saved prompt to start from."""
     dpc: DPCConfig = cfg.plugins[name]
     if dpc.stage1_prompt:
         return None
@@ -504,7 +506,7 @@ def stage1_run_config(cfg: RunConfig, name: str = "dpc") -> tuple[RunConfig, str
             f"({', '.join(f'{k}: {stage1_cfg.get(k)!r} vs {stage2_cfg.get(k)!r}' for k in differing)}); "
             "make the two method_cfg sections equal"
         )
-    return cfg1, recipe
+    return StagePlan(cfg1, recipe)
 
 
 def merge_overrides(data: dict[str, Any], overrides: Mapping[str, Any], where: str = "plugins.dpc.stage1_opts") -> None:

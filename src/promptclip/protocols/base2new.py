@@ -12,6 +12,7 @@ H = 2BN/(B+N) of the seed means; the average row is H of the averaged B and N.
 from __future__ import annotations
 
 from promptclip.config import RunConfig
+from promptclip.factory import run_needs
 from promptclip.protocols.spec import (
     EvalTarget,
     ProtocolError,
@@ -30,10 +31,11 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
     shots_list = list(sweep.shots) if sweep.shots else [cfg.data.shots]
     # A transductive method (PromptKD) trains on the unlabelled training images of all classes, as published;
     # its runs are marked so that reports keep them apart from the inductive ones.
-    transductive = bool(getattr(cfg.method_cfg, "transductive", False))
+    needs = run_needs(cfg)
+    transductive = needs.transductive
     # A plug-in that tunes a finished stage-1 run (DPC) trains on the labelled base images itself: only its
     # stage 1 sees all classes, and the run stays marked transductive.
-    all_classes = transductive and not _tunes_a_stage1_run(cfg)
+    all_classes = transductive and needs.stage1 is None
     if sweep.targets:
         raise ProtocolError("--targets: base2new evaluates the base and new halves of each dataset itself")
     specs = []
@@ -59,10 +61,3 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
                 )
     return specs
 
-
-def _tunes_a_stage1_run(cfg: RunConfig) -> bool:
-    from promptclip.plugins import load_all
-    from promptclip.registry import PLUGINS
-
-    load_all()
-    return any(getattr(PLUGINS.get(name), "requires_stage1", False) for name in cfg.plugin_names)

@@ -2,13 +2,15 @@
 
 A protocol turns a `RunConfig` and the sweep arguments (`Sweep`) into a list of `RunSpec`s, in a fixed order,
 so `--shard i/n` picks the same runs on every machine. Each spec names its training set (dataset, class
-subset, shots or selection ratio, seed), every evaluation target with its class subset spelled out, and the
-run folder `<runs>/<protocol>/<dataset>/<method>/<recipe>/shots<k>/seed<s>/` (data-efficient runs use
-`ratio<r>-<selector>` in place of `shots<k>`). A spec whose `results.json` exists is finished.
+subset, shots or selection ratio, seed), every evaluation target with its class subset spelled out, and its
+place `<runs>/<protocol>/<dataset>/<method>/<recipe>/shots<k>/seed<s>/` (data-efficient runs use
+`ratio<r>-<selector>` in place of `shots<k>`). Whether a spec is finished, and which variant folder of the
+recipe it takes, depends on its identity: see `promptclip.runs`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,16 +79,23 @@ class RunSpec:
     selector: str | None = None
     transductive: bool = False
     prompt_from: Path | None = None
-    """A run folder whose trained prompt this run evaluates instead of training its own (domain
-    generalisation evaluates the cross-dataset ImageNet prompts, as the field does), when it is finished."""
+    """Where the run whose trained prompt this run evaluates instead of training its own would live (domain
+    generalisation evaluates the cross-dataset ImageNet prompts, as the field does); used when a finished run
+    there (or in a variant folder beside it) was trained exactly as this one would be."""
+    runs_root: Path | None = None
+    """The sweep's runs folder: `run_dir` is this spec's place in it, and another variant of the recipe goes
+    to `<recipe>-<fingerprint>` beside it. None: `run_dir` was chosen by hand and is used as it is."""
+    dataset_name: str | None = None
+    """The dataset's name in folders and reports when it is not `dataset` (an own dataset's `--name`)."""
 
     @property
-    def results_path(self) -> Path:
-        return self.run_dir / RESULTS_FILE
+    def folder_dataset(self) -> str:
+        return self.dataset_name or self.dataset
 
     @property
-    def finished(self) -> bool:
-        return self.results_path.is_file()
+    def leaf(self) -> str:
+        """The setting's folder name: `shots16`, `ratio0.1-uniform`."""
+        return ratio_label(self.ratio, self.selector or "") if self.ratio is not None else shots_label(self.shots)
 
     def describe(self) -> str:
         amount = f"ratio {self.ratio:g} {self.selector}" if self.ratio is not None else f"{shots_label(self.shots)}"
@@ -130,15 +139,55 @@ def sweep_spec(
     **fields: Any,
 ) -> RunSpec:
     """A spec of `sweep` for one dataset, setting (`leaf`: shots or ratio folder) and seed, in its run folder."""
+    name = dataset_folder_name(cfg, dataset)
     return RunSpec(
         protocol=protocol,
         dataset=dataset,
         method=cfg.method,
         recipe=sweep.recipe,
         seed=seed,
-        run_dir=run_dir_for(sweep.runs_dir, protocol, dataset, cfg.method, sweep.recipe, leaf, seed),
+        run_dir=run_dir_for(sweep.runs_dir, protocol, name, cfg.method, sweep.recipe, leaf, seed),
+        runs_root=Path(sweep.runs_dir),
+        dataset_name=name if name != dataset else None,
         **fields,
     )
+
+
+def dataset_folder_name(cfg: RunConfig, dataset: str) -> str:
+    """The name `dataset` goes by in run folders and reports: its own for the field's datasets, the user's
+    `--name` (default: the data folder's name) for own folder/CSV datasets."""
+    return dataset
+
+
+def single_run_spec(cfg: RunConfig, recipe: str, runs_dir: str | Path, run_dir: str | Path | None = None) -> RunSpec:
+    """The spec of `promptclip train`: one run on `cfg.data` (its dataset, shots, class subset), evaluated
+    on the test split of the classes it trained on, and on the new half too when it trained on the base half.
+    `run_dir` (`--output`) is used as it is; without it the run takes its place under `runs_dir`."""
+    subset = cfg.data.subsample
+    dataset = cfg.data.dataset
+    targets: tuple[EvalTarget, ...]
+    if subset == "all":
+        protocol, targets = "few_shot", (EvalTarget("all", dataset, "all", "test"),)
+    elif subset == "base":
+        protocol = "base2new"
+        targets = (EvalTarget("base", dataset, "base", "test"), EvalTarget("new", dataset, "new", "test"))
+    else:
+        protocol, targets = "base2new", (EvalTarget("new", dataset, "new", "test"),)
+    sweep = Sweep(datasets=[dataset], runs_dir=Path(runs_dir), recipe=recipe)
+    spec = sweep_spec(
+        protocol,
+        cfg,
+        sweep,
+        dataset,
+        shots_label(cfg.data.shots),
+        cfg.seed,
+        shots=cfg.data.shots,
+        train_subsample=subset,
+        targets=targets,
+    )
+    if run_dir is not None:
+        spec = dataclasses.replace(spec, run_dir=Path(run_dir), runs_root=None)
+    return spec
 
 
 def get_protocol(name: str) -> Callable[[RunConfig, Sweep], list[RunSpec]]:
