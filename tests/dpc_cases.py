@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP
 from promptclip.data.datasets.base import DatasetSplits, Datum
 from promptclip.methods.base import PromptModel, get_prompt_model
@@ -44,7 +45,7 @@ def picture_splits(classnames: Sequence[str], per_class: int = PICTURES_PER_CLAS
     return DatasetSplits(
         name="noise",
         root=None,
-        classnames=[n.replace("_", " ") for n in classnames],
+        classnames=prompt_names(classnames),
         template="a photo of a {}.",
         train=train,
         val=[],

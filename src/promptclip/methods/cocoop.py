@@ -26,12 +26,12 @@ from torch import nn
 from promptclip.clip.model import CLIP, ArchConfig
 from promptclip.methods.base import Batch, LearnerOutput
 from promptclip.methods.coop import CoOp
-from promptclip.methods.prompting import PromptParts, assemble_prompts, encode_prompt_embeddings
+from promptclip.methods.prompting import PromptParts, TextEncodingConfig, assemble_prompts, encode_prompt_embeddings
 from promptclip.registry import METHODS
 
 
 @dataclass
-class CoCoOpConfig:
+class CoCoOpConfig(TextEncodingConfig):
     n_ctx: int | None = None
     """Context length; defaults to the token count of `ctx_init` (or 16 with random init)."""
     ctx_init: str = "a photo of a"
@@ -42,9 +42,6 @@ class CoCoOpConfig:
     text_chunk_size: int | None = 4096
     """Encode the batch's B x C per-image prompts in chunks of at most this many rows (bounds activation memory
     at evaluation); null encodes them in one pass."""
-    text_checkpoint: bool = False
-    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
-    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
 
 def meta_net_widths(arch: ArchConfig, hidden: int | None = None) -> tuple[int, int, int]:

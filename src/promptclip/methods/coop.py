@@ -9,10 +9,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP
 from promptclip.methods.base import PromptModel
 from promptclip.methods.prompting import (
     PromptParts,
+    TextEncodingConfig,
     assemble_prompts,
     build_prompt_parts,
     context_init_from_text,
@@ -22,7 +24,7 @@ from promptclip.registry import METHODS
 
 
 @dataclass
-class CoOpConfig:
+class CoOpConfig(TextEncodingConfig):
     n_ctx: int | None = None
     """Context length; defaults to 16 with random init, or to the token count of `ctx_init`."""
     ctx_init: str = ""
@@ -30,11 +32,6 @@ class CoOpConfig:
     class_token_position: Literal["end", "middle", "front"] = "end"
     csc: bool = False
     """Class-specific context: one context per class (cannot transfer to other classes)."""
-    text_chunk_size: int | None = None
-    """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
-    text_checkpoint: bool = False
-    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
-    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
 
 def init_context(clip: CLIP, n_ctx: int | None, ctx_init: str, copies: int | None = None) -> torch.Tensor:
@@ -89,7 +86,7 @@ class CoOp(PromptModel):
     def _check_class_specific(self, names: Sequence[str]) -> None:
         """Class-specific context belongs to the classes it was learned for: any other names are refused,
         even when their count happens to match (equal base and new halves)."""
-        if self.class_specific and [n.replace("_", " ") for n in names] != self.learned_classnames:
+        if self.class_specific and prompt_names(names) != self.learned_classnames:
             raise ValueError(
                 f"class-specific context was learned for {len(self.learned_classnames)} particular classes and "
                 f"cannot be used for other names ({len(names)} given); train with csc=false to transfer to new classes"
@@ -109,5 +106,5 @@ class CoOp(PromptModel):
             embeddings,
             parts.eot_index,
             chunk_size=self.cfg.text_chunk_size,
-            checkpoint=getattr(self.cfg, "text_checkpoint", False),
+            checkpoint=self.cfg.text_checkpoint,
         )

@@ -20,22 +20,18 @@ from torch import nn
 
 from promptclip.clip.model import CLIP, DeepPrompts
 from promptclip.methods.ivlp import DeepPromptModel, PromptLayout
+from promptclip.methods.prompting import TextEncodingConfig
 from promptclip.registry import METHODS
 
 
 @dataclass
-class MaPLeConfig:
+class MaPLeConfig(TextEncodingConfig):
     n_ctx: int = 2
     """Prompt tokens per layer in both towers; the first n_ctx tokens of `ctx_init` initialise layer 0."""
     ctx_init: str = "a photo of a"
     """Text prompt `<ctx_init> <class>.`; words past the first n_ctx tokens stay fixed. Empty: N(0, 0.02)."""
     depth: int = 9
     """Layers (in both towers) that receive fresh prompts: 9 for base-to-novel, 3 for cross-dataset / DG."""
-    text_chunk_size: int | None = None
-    """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
-    text_checkpoint: bool = False
-    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
-    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
 
     def layout(self) -> PromptLayout:
         return PromptLayout(self.n_ctx, self.depth, 0, 0, self.ctx_init)

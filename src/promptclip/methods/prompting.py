@@ -23,6 +23,19 @@ PLACEHOLDER = "X"
 
 
 @dataclass
+class TextEncodingConfig:
+    """How a learner runs its prompts through the text tower: the options every learner with learned text
+    prompts shares (CoOp, CoCoOp, KgCoOp, IVLP, PromptSRC, deep language prompting, MaPLe). Method configs
+    inherit these fields, so recipes and saved prompt configs keep them as flat `method_cfg` keys."""
+
+    text_chunk_size: int | None = None
+    """Encode class prompts in chunks of this many rows (bounds memory for large class counts)."""
+    text_checkpoint: bool = False
+    """Recompute each chunk's text activations in the backward pass instead of keeping them: training memory
+    grows with `text_chunk_size` instead of the class count (same gradients, about one more text pass)."""
+
+
+@dataclass
 class PromptParts:
     """Frozen pieces of the class prompts for one class set."""
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from PIL import Image
 
+from promptclip.classnames import prompt_names
 from promptclip.registry import DATASETS
 
 SplitName = Literal["train", "val", "test"]
@@ -180,11 +181,6 @@ class DatasetSplits:
     def prompts(self) -> list[str]:
         """The hand-crafted prompt of every class (the template filled with each class name)."""
         return [self.template.format(name) for name in self.classnames]
-
-
-def prompt_name(raw: str) -> str:
-    """The name that goes into a prompt: the field replaces underscores with spaces."""
-    return raw.replace("_", " ")
 
 
 def classnames_from_data(data: Iterable[Datum], num_classes: int | None = None) -> list[str]:
@@ -460,7 +456,7 @@ class DatasetBuilder:
         return DatasetSplits(
             name=self.name,
             root=dataset_dir,
-            classnames=[prompt_name(name) for name in names],
+            classnames=prompt_names(names),
             template=self.prompt_template(),
             train=raw.train,
             val=raw.val,
