@@ -66,7 +66,13 @@ def learner_for_run(
 ) -> PromptModel:
     """The learner of run config `cfg`: its method and plug-ins."""
     return get_prompt_model(
-        clip, cfg.method_cfg, classnames, template=template, method=cfg.method_name, plugins=cfg.plugins, context=context
+        clip,
+        cfg.method_cfg,
+        classnames,
+        template=template,
+        method=cfg.method_name,
+        plugins=cfg.plugins,
+        context=context,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -110,7 +110,7 @@ def run_eval(args: argparse.Namespace) -> int:
             learner = _load_official(args, clip, splits.classnames, splits.template)
         learner = learner.to(device)
         # Plug-ins that weight prompts per class subset (DPC) are told which subset this is, explicitly.
-        subset = "new" if args.subsample == "new" else "base"
+        subset: Literal["base", "new"] = "new" if args.subsample == "new" else "base"
         target = EvalTarget(args.subsample, args.dataset, args.subsample, args.split)
         progress = False if args.no_progress else None
         counts = evaluate_target(learner, target, subset, datasets, cfg, clip, device, progress)

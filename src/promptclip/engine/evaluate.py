@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from promptclip.methods.base import PromptModel
+from promptclip.engine.learner import Learner
 
 if TYPE_CHECKING:
     from promptclip.clip.model import CLIP
@@ -108,7 +108,7 @@ def progress_enabled(requested: bool | None) -> bool:
 
 
 def evaluate(
-    learner: PromptModel,
+    learner: Learner,
     loader: Iterable[Mapping[str, Any]],
     classnames: Sequence[str] | None = None,
     device: str | torch.device | None = None,
@@ -159,7 +159,7 @@ def evaluate(
     return EvalCounts.from_confusion(names, confusion.view(num_classes, num_classes))
 
 
-def _logits(learner: PromptModel, batch: Mapping[str, Any], store: ImageFeatureStore | None) -> torch.Tensor:
+def _logits(learner: Learner, batch: Mapping[str, Any], store: ImageFeatureStore | None) -> torch.Tensor:
     if store is None:
         return learner(batch).logits
     features = batch.get(STORED_FEATURES)
@@ -188,7 +188,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
 
 @torch.no_grad()
 def predict_probabilities(
-    learner: PromptModel, images: torch.Tensor, device: str | torch.device | None = None, precision: str = "fp32"
+    learner: Learner, images: torch.Tensor, device: str | torch.device | None = None, precision: str = "fp32"
 ) -> torch.Tensor:
     """Softmax over the learner's classes for a batch of preprocessed images [B, 3, H, W] -> [B, C]."""
     device = torch.device(device) if device is not None else next(learner.parameters()).device

@@ -35,10 +35,10 @@ from promptclip.engine.checkpoint import (
 )
 from promptclip.engine.distributed import DataParallel
 from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled
+from promptclip.engine.learner import Learner
 from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer
 from promptclip.faults import fault_point
 from promptclip.io import atomic_write_text
-from promptclip.methods.base import PromptModel
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "log.txt"
@@ -171,7 +171,7 @@ class Trainer:
 
     def __init__(
         self,
-        learner: PromptModel,
+        learner: Learner,
         loader: Iterable[Mapping[str, Any]],
         optim: OptimConfig,
         *,
@@ -427,7 +427,7 @@ class Trainer:
 
 
 def train(
-    learner: PromptModel,
+    learner: Learner,
     loader: Iterable[Mapping[str, Any]],
     optim: OptimConfig,
     resume: bool = False,

@@ -40,7 +40,7 @@ def lead(run_dir: Path, group: DataParallel, run: Callable[[], Any], skipped: Ca
     return outcome
 
 
-def follow(run_dir: Path, group: DataParallel, work: Callable[[], None]) -> tuple[str, float]:
+def follow(run_dir: Path, group: DataParallel, work: Callable[[], object]) -> tuple[str, float]:
     """A rank other than 0: wait for rank 0's decision, and do this rank's share of the work when it runs.
     Returns ("skipped" | "done", seconds)."""
     decision = group.broadcast_object(None)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from promptclip.config import RunConfig
 from promptclip.factory import run_needs
 from promptclip.methods.base import StagePlan
-from promptclip.protocols.spec import RunSpec, run_dir_for, shots_label
+from promptclip.protocols.spec import RunSpec, run_dir_for
 from promptclip.runs.rundir import STAGE1_DIR
 
 
@@ -21,17 +21,14 @@ def stage_spec(spec: RunSpec, plan: StagePlan) -> tuple[RunSpec, RunConfig]:
     """The spec and config of the stage `plan` describes, for the run `spec`."""
     stage_cfg: RunConfig = plan.config
     recipe = plan.recipe or spec.recipe
-    changes: dict[str, object] = {}
+    stage = replace(spec, method=stage_cfg.method, recipe=recipe, prompt_from=None)
     if spec.protocol == "base2new" and run_needs(stage_cfg).transductive:
         # As a plain base2new run of that method: the unlabelled images of all classes, its recipe's shots.
-        changes = {"train_subsample": "all", "shots": stage_cfg.data.shots, "transductive": True}
-    shots = int(changes.get("shots", spec.shots))  # type: ignore[call-overload]
+        stage = replace(stage, train_subsample="all", shots=stage_cfg.data.shots, transductive=True)
     if spec.runs_root is None:
         folder = spec.run_dir / STAGE1_DIR
     else:
-        leaf = spec.leaf if "shots" not in changes else shots_label(shots)
-        folder = run_dir_for(
-            spec.runs_root, spec.protocol, spec.folder_dataset, stage_cfg.method, recipe, leaf, spec.seed
-        )
-    stage = replace(spec, method=stage_cfg.method, recipe=recipe, run_dir=folder, prompt_from=None, **changes)
+        dataset = spec.folder_dataset
+        folder = run_dir_for(spec.runs_root, spec.protocol, dataset, stage.method, recipe, stage.leaf, spec.seed)
+    stage = replace(stage, run_dir=folder)
     return stage, stage_cfg

@@ -1,0 +1,231 @@
+"""The plug-in contract as a plug-in author outside the package meets it: `needs()` declares masks and a stage-1
+run, `promptclip run` supplies them with no change to the run layer; the contract's state hooks are forwarded
+through any plug-in; and the import graph keeps its layers."""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from promptclip.cli import main
+from promptclip.config import RunConfig, build_run_config, to_dict
+from promptclip.data.masks import MaskConfig
+from promptclip.engine.checkpoint import seed_everything
+from promptclip.engine.train import Trainer
+from promptclip.methods.base import Batch, LearnerOutput, PromptModel, RunNeeds, StagePlan
+from promptclip.plugins.base import PluginContext, PluginModel
+from promptclip.registry import PLUGINS
+
+SEEN: dict[str, Any] = defaultdict(list)
+
+
+@dataclass
+class ProbeConfig:
+    masks: bool = True
+    stage1: bool = True
+    weight: float = 0.1
+
+
+@PLUGINS.register("probe")
+class Probe(PluginModel):
+    """A minimal two-stage plug-in: reads foreground masks in training and starts from a finished run of the
+    learner it wraps (loading its prompt), as DAPT and DPC do."""
+
+    name = "probe"
+    Config = ProbeConfig
+
+    @classmethod
+    def needs(cls, cfg: ProbeConfig, run: RunConfig) -> RunNeeds:
+        stage1 = None
+        if cfg.stage1:
+            data = to_dict(run)
+            data.update(method=run.method_name, plugins={})
+            stage1 = StagePlan(build_run_config(data, source="probe stage 1"), recipe="probe_stage1")
+        return RunNeeds(masks=MaskConfig() if cfg.masks else None, stage1=stage1)
+
+    def __init__(self, inner: PromptModel, cfg: ProbeConfig, context: PluginContext | None = None) -> None:
+        super().__init__(inner, cfg, context)
+        if context is not None and context.stage1_dir is not None:
+            from promptclip.methods.base import read_prompt_weights
+
+            SEEN["stage1_dir"].append(context.stage1_dir)
+            inner.load_trainable_state(read_prompt_weights(context.stage1_dir / "prompt"))
+
+    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+        losses = self.inner.loss(batch, output)
+        mask = batch.get("mask")
+        SEEN["mask_batches"].append(mask is not None)
+        if mask is not None:
+            losses["probe"] = self.cfg.weight * mask.float().mean() * output.logits.mean()
+        return losses
+
+
+def test_a_plugin_outside_the_package_gets_masks_and_a_stage1_run(tmp_path: Path) -> None:
+    SEEN.clear()
+    recipe = {
+        "method": "coop+probe",
+        "method_cfg": {"n_ctx": 4, "ctx_init": "a photo of a"},
+        "model": {"arch": "tiny-vit", "weights": "random", "precision": "fp32"},
+        "data": {
+            "dataset": "synthetic_shapes",
+            "shots": 2,
+            "batch_size": 4,
+            "eval_batch_size": 50,
+            "options": {"train_per_class": 2, "val_per_class": 1, "test_per_class": 2, "image_size": 32},
+        },
+        "optim": {"lr": 0.01, "epochs": 1},
+        "device": "cpu",
+    }
+    path = tmp_path / "probe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    runs = tmp_path / "runs"
+    argv = ["run", "base2new", "--recipe", str(path), "--seeds", "1", "--runs-dir", str(runs), "--quiet"]
+    assert main(argv) == 0
+    leaf = Path("shots2") / "seed1"
+    stage1 = runs / "base2new" / "synthetic_shapes" / "coop" / "probe_stage1" / leaf
+    stage2 = runs / "base2new" / "synthetic_shapes" / "coop+probe" / "probe" / leaf
+    assert (stage1 / "results.json").is_file() and (stage2 / "results.json").is_file()
+    assert SEEN["stage1_dir"] == [stage1]
+    assert SEEN["mask_batches"] and all(SEEN["mask_batches"])  # every training batch carried its masks
+    results = json.loads((stage2 / "results.json").read_text())
+    assert results["train"]["stage1_run"] == str(stage1)
+    assert results["identity"]["stage1.method"] == "coop"  # the stage's identity is part of the run's
+    # Run again: both found finished, neither is trained again.
+    SEEN.clear()
+    assert main(argv) == 0
+    assert not SEEN["stage1_dir"] and not SEEN["mask_batches"]
+
+
+# -- state hooks forwarded through a plug-in ---------------------------------------------------------------------
+class Bare(PluginModel):
+    """A plug-in that overrides nothing: everything of the contract must reach the inner learner."""
+
+    name = "bare"
+    Config = ProbeConfig
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_promptsrc_inside_a_plugin_resumes_bitwise(tmp_path: Path) -> None:
+    """PromptSRC's Gaussian prompt aggregation keeps a running sum across epochs; wrapped in a plug-in that
+    does nothing about it, the checkpoint still carries it (PluginModel forwards `training_state`)."""
+    from promptclip.clip.weights import load_clip
+    from promptclip.config import OptimConfig
+    from promptclip.data.datasets import build_dataset
+    from promptclip.data.loader import build_loader
+    from promptclip.methods.promptsrc import PromptSRC, PromptSRCConfig
+
+    torch.manual_seed(0)
+    clip = load_clip("tiny-vit", weights="random")
+    splits = build_dataset("synthetic_shapes", train_per_class=2, val_per_class=1, test_per_class=1, image_size=32)
+    cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
+    method_cfg = PromptSRCConfig(n_ctx_text=2, n_ctx_vision=2, depth_text=2, depth_vision=2, gpa_mean=1.0, gpa_std=1.0)
+
+    def run(run_dir: Path, resume: bool, callbacks: Any = ()) -> Trainer:
+        seed_everything(1)
+        learner = Bare(PromptSRC(clip, splits.classnames, method_cfg), ProbeConfig())
+        loader = build_loader(splits, "train", batch_size=6, image_size=clip.image_size, seed=5)
+        trainer = Trainer(learner, loader, cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
+        trainer.fit(resume=resume)
+        return trainer
+
+    def stop_after_first(epoch: int, trainer: Trainer) -> None:
+        if epoch == 1:
+            raise Interrupt
+
+    straight = run(tmp_path / "straight", resume=False)
+    assert straight.learner.training_state()  # the aggregate is visible through the plug-in
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", resume=False, callbacks=[stop_after_first])
+    resumed = run(tmp_path / "cut", resume=True)
+    a, b = straight.learner.trainable_state(), resumed.learner.trainable_state()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_template_and_eval_subset_reach_the_inner_learner() -> None:
+    from promptclip.clip.weights import load_clip
+    from promptclip.factory import get_prompt_model
+
+    clip = load_clip("tiny-vit", weights="random")
+    inner = get_prompt_model(clip, {"method": "coop", "n_ctx": 2}, ["a", "b"])
+    seen: list[str] = []
+    inner.set_eval_subset = seen.append  # type: ignore[method-assign]
+    outer = Bare(Bare(inner, ProbeConfig()), ProbeConfig())
+    outer.set_template("a drawing of a {}.")
+    outer.set_eval_subset("new")
+    assert inner.template == "a drawing of a {}." and seen == ["new"]
+
+
+# -- the import graph ----------------------------------------------------------------------------------------------
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "promptclip"
+LOWER_LAYERS = ("clip", "engine", "data")
+UPPER = ("methods", "plugins", "runs", "commands", "protocols", "factory", "reports")
+
+
+def imports_by_module() -> Mapping[str, set[str]]:
+    """`promptclip.x.y` -> the promptclip modules it imports (anywhere in the file, also inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {m for m in found if m.startswith("promptclip")}
+    return graph
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_lower_layers_import_nothing_from_the_upper_ones() -> None:
+    graph = imports_by_module()
+    offending = [
+        f"{module} imports {target}"
+        for module, targets in graph.items()
+        if package_of(module).split(".")[-1] in LOWER_LAYERS
+        for target in targets
+        if package_of(target).split(".")[-1] in UPPER
+    ]
+    assert not offending, offending
+
+
+def test_no_cycles_between_promptclip_packages() -> None:
+    graph = imports_by_module()
+    known = set(graph)
+    edges: dict[str, set[str]] = defaultdict(set)
+    for module, targets in graph.items():
+        for target in targets:
+            while target not in known and "." in target:  # `from promptclip.x import name` names a module or not
+                target = target.rsplit(".", 1)[0]
+            if package_of(target) != package_of(module) and target in known:
+                edges[package_of(module)].add(package_of(target))
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(edges[node]):
+            if nxt in path:
+                cycles.append(" -> ".join([*path[path.index(nxt) :], nxt]))
+            elif len(path) < 12:
+                visit(nxt, [*path, nxt])
+
+    for start in sorted(edges):
+        visit(start, [start])
+    assert not cycles, sorted(set(cycles))[:10]
