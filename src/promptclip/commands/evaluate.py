@@ -60,7 +60,9 @@ def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | No
     from promptclip.methods.base import read_prompt_config
 
     if arch is None and prompt_dir is not None:
-        run_config = prompt_dir.parent / "config.yaml"
+        from promptclip.runs.rundir import RunDir
+
+        run_config = RunDir(prompt_dir.parent).config
         if run_config.is_file():
             model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
             arch = model.get("arch")

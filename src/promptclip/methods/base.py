@@ -40,6 +40,7 @@ Batch = Mapping[str, Any]
 
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt.safetensors"
+PROMPT_DIR = "prompt"  # a run folder's saved prompt (`save_pretrained`)
 
 
 EvalSubset = Literal["base", "new"]

@@ -50,6 +50,7 @@ from promptclip.data.loader import derive_seed
 from promptclip.io import atomic_write_with
 from promptclip.methods.base import (
     CONFIG_FILE,
+    PROMPT_DIR,
     WEIGHTS_FILE,
     Batch,
     EvalSubset,
@@ -404,8 +405,8 @@ def stage1_prompt_folder(path: Path) -> Path:
     """A saved prompt folder, given either itself or a run folder holding `prompt/`."""
     if (path / CONFIG_FILE).is_file():
         return path
-    if (path / "prompt" / CONFIG_FILE).is_file():
-        return path / "prompt"
+    if (path / PROMPT_DIR / CONFIG_FILE).is_file():
+        return path / PROMPT_DIR
     raise ConfigError(
         f"{path}: no stage-1 prompt here (expected {CONFIG_FILE} in it or in its prompt/ folder); run stage 1 "
         "first or set plugins.dpc.stage1_prompt to a saved prompt"

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from promptclip.config import RunConfig
 
 Subset = Literal["all", "base", "new"]
-RESULTS_FILE = "results.json"
 
 PROTOCOL_MODULES = {
     "few_shot": "promptclip.protocols.few_shot",

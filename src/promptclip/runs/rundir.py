@@ -30,17 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from promptclip.engine.checkpoint import CHECKPOINT_DIR
+from promptclip.engine.train import LOG_FILE, METRICS_FILE
 from promptclip.io import atomic_write_json
+from promptclip.methods.base import PROMPT_DIR
 from promptclip.runs.errors import RunFolderError
 from promptclip.runs.identity import SHORT, RunIdentity
 
 RESULTS_FILE = "results.json"
 IDENTITY_FILE = "identity.json"
 CONFIG_FILE = "config.yaml"
-LOG_FILE = "log.txt"
-METRICS_FILE = "metrics.jsonl"
-PROMPT_DIR = "prompt"
-CHECKPOINT_DIR = "checkpoints"
 STAGE1_DIR = "stage1"
 VARIANT_FILE = "variant.json"
 LAYOUT = frozenset(
