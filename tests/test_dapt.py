@@ -20,6 +20,7 @@ from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
 from promptclip.plugins.dapt import BACKGROUND_CLASSES, DAPT, DAPTConfig, DAPTOutput
 from promptclip.plugins.gradcam import gradcam_masks
+from promptclip.recipes import list_recipes
 
 NAMES = ["cat", "dog", "car", "tree"]
 OTHER_NAMES = ["whale", "plane", "house", "boat"]
@@ -461,7 +462,7 @@ def test_transductive_learners_never_read_the_labels() -> None:
     )
 
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*_dapt/*.yaml"))
+RECIPES = sorted(recipe.path for recipe in list_recipes() if recipe.name.split("/")[0].endswith("_dapt"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])

@@ -1,4 +1,4 @@
-"""`promptclip list {archs,datasets,methods,selectors}`."""
+"""`promptclip list {archs,datasets,methods,plugins,recipes,selectors}`."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ _REGISTRY_MODULES = {
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("list", help="list architectures, datasets, methods, plug-ins or selectors")
-    parser.add_argument("what", choices=["archs", "datasets", "methods", "plugins", "selectors"])
+    parser = subparsers.add_parser("list", help="list architectures, datasets, methods, plug-ins, recipes or selectors")
+    parser.add_argument("what", choices=["archs", "datasets", "methods", "plugins", "recipes", "selectors"])
     parser.set_defaults(func=run_list)
 
 
@@ -27,6 +27,9 @@ def run_list(args: argparse.Namespace) -> int:
         from promptclip.clip.arch_names import describe_archs
 
         print(describe_archs())
+        return 0
+    if args.what == "recipes":
+        print_recipes()
         return 0
     for module_name in _REGISTRY_MODULES[args.what]:
         module = importlib.import_module(module_name)
@@ -52,6 +55,17 @@ def run_list(args: argparse.Namespace) -> int:
             for line in describe_config(config_cls):
                 print(f"{'':26s}{line}")
     return 0
+
+
+def print_recipes() -> None:
+    """Name, method and summary of every recipe; `--recipe NAME` takes the name."""
+    from promptclip.recipes import list_recipes
+
+    recipes = list_recipes()
+    width = max((len(recipe.name) for recipe in recipes), default=0)
+    for recipe in recipes:
+        where = "  [./configs]" if recipe.local else ""
+        print(f"{recipe.name:{width}s}  {recipe.method:16s} {recipe.description}{where}")
 
 
 def describe_config(config_cls: type) -> list[str]:
