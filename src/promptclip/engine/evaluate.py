@@ -83,7 +83,9 @@ class EvalCounts:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalCounts:
-        return cls(list(data["classnames"]), [int(v) for v in data["correct"]], [int(v) for v in data["total"]])
+        errors = data.get("errors")
+        cells = [(int(t), int(p), int(n)) for t, p, n in errors] if errors is not None else None
+        return cls(list(data["classnames"]), [int(v) for v in data["correct"]], [int(v) for v in data["total"]], cells)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

@@ -55,7 +55,8 @@ class RunState(enum.Enum):
     INTERRUPTED = "interrupted"
     """A run of the same identity that checkpointed at least one epoch and did not finish."""
     STARTED = "started"
-    """A run of the same identity that stopped before its first checkpoint: nothing to lose."""
+    """An attempt that stopped before its first checkpoint (a failed input check, say): nothing to lose but
+    its log, which the next attempt appends to, whatever its identity."""
     OTHER = "other"
     """A run (finished or not) of another identity, or of a promptclip that recorded none."""
     FOREIGN = "foreign"
@@ -137,11 +138,12 @@ class RunDir:
         recorded = self.recorded_identity()
         if recorded is None:
             return RunState.FOREIGN if not self.finished else RunState.OTHER
+        trained = self.finished or self.has_checkpoint() or self.prompt.exists()
+        if not trained:
+            return RunState.STARTED
         if RunIdentity(recorded).run_id != identity.run_id:
             return RunState.OTHER
-        if self.finished:
-            return RunState.FINISHED
-        return RunState.INTERRUPTED if self.has_checkpoint() else RunState.STARTED
+        return RunState.FINISHED if self.finished else RunState.INTERRUPTED
 
     def describe_contents(self, limit: int = 6) -> str:
         entries = self.entries()
@@ -222,14 +224,20 @@ def _claimed_variant(folder: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _unclaimed_and_empty(folder: Path) -> bool:
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+def _unclaimed_and_free(folder: Path) -> bool:
+    """No variant claimed `folder` and no run recorded anything in it (a folder made by a lock or an empty
+    one; a recipe folder of an earlier promptclip holds results and is left to its runs)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir() or (folder / VARIANT_FILE).exists():
+        return False
+    return not any(path.name in (RESULTS_FILE, IDENTITY_FILE) for path in folder.rglob("*.json"))
 
 
 def locate_recipe_folder(recipe_dir: Path, identity: RunIdentity) -> Path:
     """The recipe folder a run of `identity` belongs in: `recipe_dir` when it is free or holds this variant,
     else `<recipe>-<fingerprint>` beside it. Reads only; `claim_recipe_folder` marks the choice."""
-    if _unclaimed_and_empty(recipe_dir) or _claimed_variant(recipe_dir) == identity.variant_id:
+    if _unclaimed_and_free(recipe_dir) or _claimed_variant(recipe_dir) == identity.variant_id:
         return recipe_dir
     return recipe_dir.with_name(variant_folder_name(recipe_dir.name, identity))
 
