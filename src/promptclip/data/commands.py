@@ -4,8 +4,8 @@
     promptclip data fewshot --dataset NAME --root DIR --shots K --seed S [--print | --out FILE]
     promptclip data info    --dataset NAME --root DIR
 
-Dataset options are given as `--set KEY=VALUE` (repeatable); `--csv FILE` and `--classnames FILE` are
-shortcuts for the user-data datasets.
+Dataset options are given as `--set KEY=VALUE` (repeatable); `--csv FILE`, `--classnames FILE` and
+`--name NAME` are shortcuts for the user-data datasets.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from promptclip.data.fewshot import describe_short, draw_fewshot, draw_to_json, 
 from promptclip.data.masks import IgnoreAs, MaskConfig, MaskEncoding, MaskFallback, MaskRule
 
 DEFAULT_LIST_LIMIT = 20
+NAME_HELP = (
+    "name of your own data (folder, csv) in run folders and reports: letters, digits, _-. "
+    "(default: the root folder's name; csv: <folder>-<CSV stem>)"
+)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -72,11 +76,12 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
-    """--dataset, --root, --csv, --classnames, --set KEY=VALUE (used by every command that reads a dataset)."""
+    """--dataset, --root, --csv, --classnames, --name, --set KEY=VALUE (every command that reads a dataset)."""
     parser.add_argument("--dataset", required=True, help="a name from `promptclip list datasets`")
     parser.add_argument("--root", help="the data root that holds the dataset folder (or the dataset folder itself)")
     parser.add_argument("--csv", help="CSV file of the `csv` dataset (path,label[,classname][,split])")
     parser.add_argument("--classnames", help="JSON file of class names (user-data datasets)")
+    parser.add_argument("--name", help=NAME_HELP)
     parser.add_argument(
         "--set",
         action="append",
@@ -118,7 +123,7 @@ def dataset_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key.strip():
             raise DatasetError(f"--set {item!r} is not KEY=VALUE")
         options[key.strip()] = parse_option_value(value)
-    for key in ("csv", "classnames"):
+    for key in ("csv", "classnames", "name"):
         if getattr(args, key, None):
             options[key] = getattr(args, key)
     return options
@@ -203,7 +208,9 @@ def run_fewshot(args: argparse.Namespace) -> int:
     if args.print_json:
         print(json.dumps(content, indent=1))
         return 0
-    print(f"{splits.name}: {args.shots} shots, seed {args.seed}: train {len(draw.train)}, val {len(draw.val)} images")
+    print(
+        f"{_title(splits)}: {args.shots} shots, seed {args.seed}: train {len(draw.train)}, val {len(draw.val)} images"
+    )
     for split, short in (("train", draw.short_train), ("val", draw.short_val)):
         if short:
             print(
@@ -216,9 +223,14 @@ def run_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _title(splits: DatasetSplits) -> str:
+    """`pets (folder)` for own data, the dataset's name for the field's."""
+    return splits.name if splits.display_name == splits.name else f"{splits.display_name} ({splits.name})"
+
+
 def run_info(args: argparse.Namespace) -> int:
     splits = _build(args)
-    print(f"{splits.name}: {splits.num_classes} classes, template {splits.template!r}")
+    print(f"{_title(splits)}: {splits.num_classes} classes, template {splits.template!r}")
     print(f"  folder: {splits.root if splits.root is not None else '(rendered, no files)'}")
     print("  " + ", ".join(f"{split} {count}" for split, count in splits.sizes().items()))
     if splits.info.get("split_source"):

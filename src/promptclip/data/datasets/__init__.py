@@ -1,6 +1,7 @@
 """The registered datasets. Importing this package registers every dataset in `promptclip.registry.DATASETS`.
 
-Entry points: `build_dataset(name, root, **options)` -> `DatasetSplits`; `Datum`; `DatasetError`.
+Entry points: `build_dataset(name, root, **options)` -> `DatasetSplits`; `Datum`; `DatasetError`;
+`dataset_display_name` and `dataset_identity`, what a run calls its data before reading them.
 """
 
 from promptclip.data.datasets import (  # noqa: F401  (imported for their registrations)
@@ -23,6 +24,8 @@ from promptclip.data.datasets.base import (
     ExpectedLayout,
     build_dataset,
     builder_options,
+    dataset_display_name,
+    dataset_identity,
     make_builder,
     read_split_file,
     write_split_file,
@@ -37,6 +40,8 @@ __all__ = [
     "ExpectedLayout",
     "build_dataset",
     "builder_options",
+    "dataset_display_name",
+    "dataset_identity",
     "make_builder",
     "read_split_file",
     "write_split_file",

@@ -16,7 +16,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal, Protocol
@@ -125,7 +125,9 @@ class DatasetSplits:
 
     `classnames[i]` is the prompt-ready name of label `i` (underscores turned into spaces, as the field's
     trainers do). `image_dir` is the folder below `root` that holds the images: mask rules mirror image paths
-    below it.
+    below it. `name` is the registered dataset (what `--dataset` takes); `display_name` is what the data go
+    by in run folders and reports: the same for the field's datasets, the user's own name for own data
+    (see `dataset_display_name`).
     """
 
     name: str
@@ -141,6 +143,11 @@ class DatasetSplits:
     expected: ExpectedLayout = field(default_factory=ExpectedLayout)
     official_mask_layout: str = "mirror"
     info: dict[str, Any] = field(default_factory=dict)
+    display_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.display_name:
+            self.display_name = self.name
 
     @property
     def num_classes(self) -> int:
@@ -405,6 +412,7 @@ class DatasetBuilder:
     expected: ClassVar[ExpectedLayout] = ExpectedLayout()
     official_mask_layout: ClassVar[str] = "mirror"  # how the DAPT code finds masks: mirror | last2 | basename
     needs_root: ClassVar[bool] = True
+    own_data: ClassVar[bool] = False  # the user's data (`folder`, `csv`), named by the user
 
     def read(self, dataset_dir: Path) -> RawSplits:
         raise NotImplementedError
@@ -444,6 +452,16 @@ class DatasetBuilder:
         markers = [item.relative for item in self.required_files()]
         return bool(markers) and all((folder / marker).exists() for marker in markers)
 
+    def display_name(self, root: str | Path | None) -> str:
+        """The name in run folders and reports (see `dataset_display_name`): the registered name here."""
+        return self.name
+
+    def data_identity(self, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:
+        """What tells these data apart wherever they lie (see `dataset_identity`); `options` as given."""
+        defaults = builder_options(type(self))
+        changed = {key: _plain(value) for key, value in options.items() if _plain(value) != _plain(defaults.get(key))}
+        return {"dataset": self.name, "name": self.display_name(root), "options": dict(sorted(changed.items()))}
+
     def build(self, root: str | Path | None) -> DatasetSplits:
         dataset_dir = self.locate(root)
         raw = self.read(dataset_dir)
@@ -465,6 +483,7 @@ class DatasetBuilder:
             expected=self.expected,
             official_mask_layout=self.official_mask_layout,
             info={"split_source": raw.source},
+            display_name=self.display_name(dataset_dir),
         )
 
 
@@ -534,8 +553,9 @@ def builder_options(builder: type[DatasetBuilder]) -> dict[str, Any]:
     }
 
 
-def make_builder(name: str, **options: Any) -> DatasetBuilder:
-    """Instantiate the registered builder `name` with its options, naming the valid ones on a mistake."""
+def make_builder(name: str, /, **options: Any) -> DatasetBuilder:
+    """Instantiate the registered builder `name` with its options, naming the valid ones on a mistake.
+    (`name` is positional-only: own data take an option called `name`.)"""
     try:
         builder_class: type[DatasetBuilder] = DATASETS.get(name)
     except KeyError as err:
@@ -548,7 +568,44 @@ def make_builder(name: str, **options: Any) -> DatasetBuilder:
     return builder_class(**options)
 
 
-def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> DatasetSplits:
+def _plain(value: Any) -> Any:
+    """`value` as JSON gives it back (tuples become lists), so options compare as they are recorded."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def dataset_display_name(dataset: str, root: str | Path | None, options: Mapping[str, Any] | None = None) -> str:
+    """The name dataset `dataset` goes by in run folders and reports, known before any data is read.
+
+    Contract:
+    * the field's datasets (and the synthetic ones): their registered name, whatever `root` and `options`;
+    * own data (`folder`, `csv`): the `name` option (`--name`) when given, else derived from the folder at
+      `root` (see `docs/datasets.md`; without `name`, `root` must be given); with `name` given, the same data
+      moved to another root keep the name;
+    * always one safe folder name (letters, digits and `_-.`, starting with a letter or digit, at most 80
+      characters); own data never get the name of one of the field's datasets (compared in any case), so it
+      can be a path component of a run folder as it is.
+
+    `options` are the dataset's own options, as `build_dataset` takes them (an unknown one is a
+    `DatasetError`); no file is read and `root` need not exist.
+    """
+    return make_builder(dataset, **dict(options or {})).display_name(root)
+
+
+def dataset_identity(dataset: str, root: str | Path | None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What tells the data of a run apart from other data, independent of where they lie, as plain JSON data:
+    `{"dataset": registered name, "name": dataset_display_name(...), "options": {...}}`.
+
+    `options` holds the options given with values other than their defaults (an option added later with a
+    default does not change old identities), JSON-normalised. Root-independent: the root's path never enters;
+    files named by options of own data (`csv`, `classnames`) enter as the sha256 of their content, so moving
+    the data (or running on a machine that mounts them elsewhere) keeps the identity, while editing a class
+    name or a CSV row changes it. The images themselves are not read.
+    """
+    given = dict(options or {})
+    return make_builder(dataset, **given).data_identity(root, given)
+
+
+def build_dataset(name: str, root: str | Path | None = None, /, **options: Any) -> DatasetSplits:
     """Read the registered dataset `name` below `root` (the data root or the dataset folder itself)."""
     return make_builder(name, **options).build(root)
 

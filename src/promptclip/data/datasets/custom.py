@@ -2,6 +2,8 @@
 
 Both accept a JSON file of class names (`classnames=FILE`), a prompt template, and split the data per class
 with a seed (`split_seed`, fractions `split_fractions`) when the data do not say which image is in which split.
+Own data go by a name of their own in run folders and reports (`name=NAME`, `--name`): by default the root
+folder's name (`csv`: the root folder's name and the CSV file's stem, `pets-labels`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,10 +32,61 @@ from promptclip.data.datasets.base import (
     register,
     split_per_class,
 )
+from promptclip.io import sha256_file
+from promptclip.registry import DATASETS
 
 DEFAULT_FRACTIONS = (0.5, 0.2, 0.3)
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 MASK_FOLDER = "mask"  # the default mask folder; never read as a class
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MAX_NAME_LENGTH = 80
+
+
+def _taken_by(name: str) -> str | None:
+    """The field's dataset that goes by `name` (any case: folders merge on case-insensitive disks), if any."""
+    for registered, builder in DATASETS.items():
+        if registered.lower() == name.lower() and not builder.own_data:
+            return str(registered)
+    return None
+
+
+def check_own_name(name: str) -> str:
+    """`name` if it can be a run folder's path component and is not the name of one of the field's datasets."""
+    if len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(name):
+        raise DatasetError(
+            f"--name {name!r}: the name of your data becomes a folder in every run path, so it may hold only "
+            f"letters, digits and _ - . (starting with a letter or digit, at most {MAX_NAME_LENGTH} characters); "
+            "e.g. --name my_pets (the dataset option `name`)"
+        )
+    taken = _taken_by(name)
+    if taken is not None:
+        raise DatasetError(
+            f"--name {name}: {taken!r} is one of promptclip's datasets, and runs of both would share folders and "
+            f"report rows; give your data another name, e.g. --name my_{name}"
+        )
+    return name
+
+
+def name_from(text: str, kind: str) -> str:
+    """A valid name made from a folder or file name: other characters become `_`; a name that one of the
+    field's datasets has gets the kind in front (`folder-dtd`), so it never shares their run folders."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).lstrip("._-")[:MAX_NAME_LENGTH]
+    if not cleaned:
+        return kind
+    return f"{kind}-{cleaned}"[:MAX_NAME_LENGTH] if _taken_by(cleaned) else cleaned
+
+
+def folder_name(root: str | Path) -> str:
+    """The last component of `root` as the user wrote it (`.`, `..` and a trailing `/` resolved, links not)."""
+    return Path(os.path.abspath(Path(root).expanduser())).name
+
+
+def option_file(text: str, root: Path | None) -> Path | None:
+    """The file an option names: as given (relative to the current folder), else relative to the data root."""
+    path = Path(text).expanduser()
+    if not path.is_file() and root is not None and (root / text).is_file():
+        path = root / text
+    return path if path.is_file() else None
 
 
 def parse_fractions(value: Any) -> tuple[float, float, float]:
@@ -50,10 +105,8 @@ def parse_fractions(value: Any) -> tuple[float, float, float]:
 
 def read_classnames_map(path_text: str, root: Path | None) -> dict[str, str] | list[str]:
     """A JSON class-name file: `{"key": "name"}` (key = folder or CSV label) or a list in label order."""
-    path = Path(path_text).expanduser()
-    if not path.is_file() and root is not None and (root / path_text).is_file():
-        path = root / path_text
-    if not path.is_file():
+    path = option_file(path_text, root)
+    if path is None:
         raise DatasetError(f"class-name file {path_text} not found (option classnames); give an existing JSON file")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
@@ -69,9 +122,12 @@ def read_classnames_map(path_text: str, root: Path | None) -> dict[str, str] | l
 class OwnDataset(DatasetBuilder):
     """Options shared by the user-data datasets."""
 
+    own_data = True
+
     def __init__(
         self,
         *,
+        name: str | None = None,
         classnames: str | None = None,
         template: str = "a photo of a {}.",
         split_seed: int = 1,
@@ -79,6 +135,7 @@ class OwnDataset(DatasetBuilder):
     ) -> None:
         if "{}" not in template:
             raise DatasetError(f"template {template!r} has no {{}} where the class name goes")
+        self.own_name = check_own_name(str(name)) if name is not None else None
         self.classnames_file = classnames
         self.template_text = template
         self.split_seed = int(split_seed)
@@ -95,7 +152,44 @@ class OwnDataset(DatasetBuilder):
         return splits
 
     def identity(self, root: Path | None) -> str:
+        """Where the data lie (the few-shot cache key): unlike `data_identity`, it changes with the root."""
         return str(root.resolve()) if root is not None else ""
+
+    def display_name(self, root: str | Path | None) -> str:
+        if self.own_name is not None:
+            return self.own_name
+        if root is None:
+            raise DatasetError(
+                f"dataset {self.name!r} needs --root (the data's name is its folder's name unless --name gives one)"
+            )
+        return name_from(self.default_name(root), self.name)
+
+    def default_name(self, root: str | Path) -> str:
+        """The text the name is made from when --name is not given."""
+        return folder_name(root)
+
+    def option_files(self, root: Path | None) -> dict[str, Path]:
+        """The files the options name (they define the data as much as the images do)."""
+        if self.classnames_file is None:
+            return {}
+        path = option_file(self.classnames_file, root)
+        if path is None:
+            raise DatasetError(
+                f"class-name file {self.classnames_file} not found (option classnames); give an existing JSON file"
+            )
+        return {"classnames": path}
+
+    def data_identity(self, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:
+        folder = Path(root).expanduser() if root is not None else None
+        files = self.option_files(folder)
+        plain = {key: value for key, value in options.items() if key != "name" and key not in files}
+        if "split_fractions" in plain:
+            plain["split_fractions"] = self.fractions  # "0.5,0.2,0.3" and (0.5, 0.2, 0.3) are the same split
+        identity = super().data_identity(root, plain)
+        for key, path in files.items():  # by content: the same file in another place is the same data
+            identity["options"][key] = f"sha256:{sha256_file(path)[:16]}"
+        identity["options"] = dict(sorted(identity["options"].items()))
+        return identity
 
     def auto_split(self, data: list[Datum]) -> tuple[list[Datum], list[Datum], list[Datum]]:
         return split_per_class(data, self.fractions, random.Random(self.split_seed))
@@ -188,13 +282,18 @@ class CSVDataset(OwnDataset):
         self,
         *,
         csv: str | None = None,
+        name: str | None = None,
         classnames: str | None = None,
         template: str = "a photo of a {}.",
         split_seed: int = 1,
         split_fractions: Any = DEFAULT_FRACTIONS,
     ) -> None:
         super().__init__(
-            classnames=classnames, template=template, split_seed=split_seed, split_fractions=split_fractions
+            name=name,
+            classnames=classnames,
+            template=template,
+            split_seed=split_seed,
+            split_fractions=split_fractions,
         )
         self.csv_file = csv
 
@@ -206,15 +305,23 @@ class CSVDataset(OwnDataset):
             raise DatasetError(f"data root {folder} does not exist; pass the folder the CSV paths start from")
         return folder
 
-    def csv_path(self, root: Path) -> Path:
+    def csv_path(self, root: Path | None) -> Path:
         if not self.csv_file:
             raise DatasetError("dataset 'csv' needs a CSV file: add --csv FILE (or --set csv=FILE)")
-        path = Path(self.csv_file).expanduser()
-        if not path.is_file() and (root / self.csv_file).is_file():
-            path = root / self.csv_file
-        if not path.is_file():
+        path = option_file(self.csv_file, root)
+        if path is None:
             raise DatasetError(f"CSV file {self.csv_file} not found (also looked in {root}); check --csv")
         return path
+
+    def default_name(self, root: str | Path) -> str:
+        """`<root folder>-<CSV stem>` (`pets-labels`), or the folder's name alone when the two are the same:
+        several CSV files may share an image folder, and generic CSV names (labels.csv) many folders."""
+        folder = folder_name(root)
+        stem = Path(self.csv_file).stem if self.csv_file else ""
+        return folder if not stem or stem == folder else f"{folder}-{stem}"
+
+    def option_files(self, root: Path | None) -> dict[str, Path]:
+        return {**super().option_files(root), "csv": self.csv_path(root)}
 
     def required_files(self) -> list[RequiredFile]:
         return []
