@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 from collections.abc import Sequence
+
+from promptclip.errors import CLIError, user_error_message
 
 # Modules that contribute sub-commands; each defines add_commands(subparsers).
 COMMAND_MODULES = (
@@ -27,8 +30,7 @@ COMMAND_MODULES = (
 )
 
 
-class CLIError(Exception):
-    """An error the user can fix; printed without a traceback."""
+__all__ = ["CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,15 +62,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from promptclip.engine.stop import Stopped, stop_on_signals
+
     try:
-        return int(args.func(args) or 0)
-    except CLIError as err:
-        print(f"promptclip: error: {err}", file=sys.stderr)
-        return 2
+        with stop_on_signals():
+            return int(args.func(args) or 0)
+    except Stopped as stopped:
+        print(f"promptclip: {describe_stop(stopped, sys.argv[1:] if argv is None else list(argv))}", file=sys.stderr)
+        return stopped.exit_code
     except BrokenPipeError:
         # The reader went away (`promptclip list methods | head`): stop quietly, as Unix tools do.
         sys.stderr.close()
         return 0
+    except Exception as err:  # every error a user can fix, from any subsystem, in one place
+        message = user_error_message(err)
+        if message is None:
+            raise
+        print(f"promptclip: error: {message}", file=sys.stderr)
+        return 2
+
+
+def describe_stop(stopped: Exception, argv: Sequence[str]) -> str:
+    """What was reached when a signal stopped the command, and the exact command that resumes it."""
+    epochs_done, epochs = getattr(stopped, "epochs_done", None), getattr(stopped, "epochs", None)
+    run_dir = getattr(stopped, "run_dir", None)
+    reached = f"after {epochs_done} of {epochs} epochs" if epochs_done is not None else "before the run finished"
+    where = f" in {run_dir}" if run_dir is not None else ""
+    line = f"{stopped} {reached}{where}; the run folder's lock is released."
+    if argv and argv[0] in ("train", "run", "demo"):
+        again = [*argv, "--resume"] if "--resume" not in argv and argv[0] != "demo" else list(argv)
+        line += f" Resume with: promptclip {shlex.join(again)}"
+    return line
 
 
 if __name__ == "__main__":

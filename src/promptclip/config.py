@@ -7,6 +7,8 @@ error naming the key, where it came from and what is allowed, before any work st
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +22,7 @@ from promptclip.io import atomic_write_text
 from promptclip.registry import METHODS, PLUGINS
 
 T = TypeVar("T")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -146,6 +149,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string; a user means the number
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and isinstance(value, bool):
@@ -222,7 +227,35 @@ def build_run_config(data: Mapping[str, Any], source: str = "config") -> RunConf
     except (ConfigError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
         raise ConfigError(f"{source}: {message}") from None
+    check_run_config(cfg, source)
     return cfg
+
+
+# key: (test of the value, what the value must be)
+_VALUE_RULES: dict[str, tuple[Any, str]] = {
+    "optim.epochs": (lambda v: v >= 1, "at least 1"),
+    "optim.lr": (lambda v: math.isfinite(v) and v > 0, "a number greater than 0"),
+    "optim.warmup_epochs": (lambda v: v >= 0, "0 or more"),
+    "optim.warmup_lr": (lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a number, 0 or more"),
+    "optim.grad_accum": (lambda v: v >= 1, "at least 1"),
+    "optim.max_grad_norm": (lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number greater than 0"),
+    "data.batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "seed": (lambda v: v >= 0, "0 or more"),
+}
+
+
+def check_run_config(cfg: RunConfig, source: str = "config") -> None:
+    """Refuse values no run can use (0 epochs, a negative learning rate, ...), naming the key and the fix, so a
+    bad value stops `run --dry-run` and every command before any work."""
+    for key, (allowed, requirement) in _VALUE_RULES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if not allowed(value):
+            raise ConfigError(f"{source}: {key} is {value!r}; it must be {requirement} (e.g. --opts {key} VALUE)")
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

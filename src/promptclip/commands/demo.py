@@ -3,8 +3,9 @@
 It uses the bundled `tiny-synthetic` CLIP (pretrained on the synthetic world by `promptclip pretrain`) and
 runs the ordinary base-to-novel protocol through the same runner as `promptclip run`: every method is trained
 on the base half of each task's classes (16 shots) and tested on the base and the new half. The runs land in
-`--out` (finished runs are skipped on a second call); the base/new/HM table is printed and written to
-`--out/demo.md`, with a bar plot beside it.
+`--out` (default `demo_runs/`, apart from the `runs/` folder that `promptclip run` fills, so a report of
+`runs/` never mixes demo runs in; finished runs are skipped on a second call); the base/new/HM table (the
+report's long table) is printed and written to `--out/demo.md`, with a bar plot beside it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from promptclip.io import atomic_write_text
 
-DEFAULT_OUT = Path("runs") / "demo"
+DEFAULT_OUT = Path("demo_runs")
 DEFAULT_DATASETS = ("synthetic_objects", "synthetic_shapes", "synthetic_scenes")
 BACKBONE = "tiny-synthetic"
 RECIPE = "demo"
@@ -118,7 +119,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "synthetic tasks with the bundled tiny-synthetic CLIP, test on base and new classes, print the "
         "base/new/HM table and write a plot. No download, a few minutes on a laptop CPU.",
     )
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"runs folder (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"the demo's own runs folder (default {DEFAULT_OUT}/, apart from runs/)",
+    )
     parser.add_argument(
         "--datasets", default=",".join(DEFAULT_DATASETS), help="comma-separated synthetic tasks (default: all three)"
     )
@@ -137,7 +143,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def choose_methods(names: str | None) -> list[DemoMethod]:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     if names is None:
         return list(DEMO_METHODS)
@@ -153,8 +159,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from promptclip.cli import CLIError
     from promptclip.commands.run import user_errors
+    from promptclip.errors import CLIError
     from promptclip.protocols.spec import Sweep, expand
     from promptclip.runs import RunOptions, execute
 
@@ -181,57 +187,39 @@ def run_demo(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(f"{spec.method} on {spec.dataset}")
                 outcome = execute(spec, cfg, options)  # a finished run of the same identity is reused
                 folders.append(outcome.run_dir.path if outcome.run_dir is not None else spec.run_dir)
-        table = demo_table(args.out, folders)
-    shots = DEMO_DATA["shots"]
-    title = f"Base-to-novel on the synthetic world, {args.arch} CLIP, {shots} shots, seed {args.seed} (accuracy %)"
-    text = method_table(table, [m.method for m in methods])
-    print(f"\n{title}:\n{text}")
-    atomic_write_text(args.out / "demo.md", f"# {title}\n\n{text}\n")
-    from promptclip.reports.plots import PlotsUnavailable, base_new_bars
+        shots = DEMO_DATA["shots"]
+        title = f"Base-to-novel on the synthetic world, {args.arch} CLIP, {shots} shots, seed {args.seed} (accuracy %)"
+        table = demo_table(args.out, folders, [m.method for m in methods], title)
+    from promptclip.reports.tables import table_lines
+
+    lines, legend = table_lines(table)
+    text = "\n".join(lines)
+    notes = "\n".join(f"- {note}" for note in legend)
+    print(f"\n{title}:\n{text}\n\n{notes}")
+    atomic_write_text(args.out / "demo.md", f"# {title}\n\n{text}\n\n{notes}\n")
+    from promptclip.reports.plots import PlotsUnavailable, write_plots
 
     try:
-        print(f"plot: {base_new_bars(table, args.out)}")
+        for path in write_plots([table], args.out):
+            print(f"plot: {path}")
     except PlotsUnavailable as err:  # matplotlib is an optional dependency
         print(f"no plot: {err}", file=sys.stderr)
     print(f"table: {args.out / 'demo.md'} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
-def demo_table(runs_dir: Path, folders: Sequence[Path]) -> Any:
-    """The base-to-novel report table of exactly the runs in `folders` (other runs are left out)."""
+def demo_table(runs_dir: Path, folders: Sequence[Path], order: Sequence[str] = (), title: str | None = None) -> Any:
+    """The report's long base-to-novel table (one row per method and dataset, the average first when there
+    are several datasets) of exactly the runs in `folders` (other runs in `runs_dir` are left out)."""
     from promptclip.reports.collect import ResultIndex, collect_runs
-    from promptclip.reports.tables import build_tables
+    from promptclip.reports.tables import TableOptions, base2new_long_table
 
     wanted = {Path(folder).resolve() for folder in folders}
-    runs = [run for run in collect_runs(runs_dir).runs if run.path.parent.resolve() in wanted]
-    return next(t for t in build_tables(ResultIndex(runs)) if t.kind == "base2new")
-
-
-def method_table(table: Any, order: Sequence[str]) -> str:
-    """The report's base-to-novel table turned long: one line per method and dataset (the average first
-    when there are several datasets), columns aligned for a terminal."""
-    rows = [row for row in table.rows if len(table.rows) > 2 or row.key != "average"]
-    lines = [["Method", "Dataset", "Base", "New", "HM"]]
-    for s in sorted(range(len(table.series)), key=lambda s: _rank(table.series[s], order)):
-        for row in rows:
-            cells = row.cells[3 * s : 3 * s + 3]
-            lines.append([table.series[s], row.label, *("-" if c.mean is None else f"{c.mean:.2f}" for c in cells)])
-    widths = [max(len(line[i]) for line in lines) for i in range(5)]
-    rule = "|" + "|".join("-" * (w + 2) if i < 2 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    text = [_aligned(line, widths) for line in lines]
-    text.insert(1, rule)
-    return "\n".join(text)
-
-
-def _aligned(cells: Sequence[str], widths: Sequence[int]) -> str:
-    # Text columns (method, dataset) left-aligned, numbers right-aligned.
-    padded = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-    return "| " + " | ".join(padded) + " |"
-
-
-def _rank(label: str, order: Sequence[str]) -> tuple[int, str]:
-    name = label.split(" ")[0]
-    return (order.index(name) if name in order else len(order), label)
+    index = ResultIndex(run for run in collect_runs(runs_dir).runs if run.path.parent.resolve() in wanted)
+    settings = index.settings("base2new")
+    if not settings:
+        raise RuntimeError(f"no finished base-to-novel run of this demo under {runs_dir}")
+    return base2new_long_table(index, settings[0], TableOptions(), order, title)
 
 
 def _check_backbone(arch: str, weights: str | None) -> Any:

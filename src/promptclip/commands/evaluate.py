@@ -72,7 +72,7 @@ def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | No
     if arch is None:
         arch = "ViT-B-16"
     if weights == "random":
-        from promptclip.cli import CLIError
+        from promptclip.errors import CLIError
 
         raise CLIError(
             f"{prompt_dir}: the prompt was trained on randomly initialised CLIP weights, which were not saved; "
@@ -138,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _load_prompt(clip: Any, prompt_dir: Path, classnames: list[str]) -> Any:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
     from promptclip.factory import from_pretrained
 
     try:
@@ -148,7 +148,7 @@ def _load_prompt(clip: Any, prompt_dir: Path, classnames: list[str]) -> Any:
 
 
 def _load_official(args: argparse.Namespace, clip: Any, classnames: list[str], template: str) -> Any:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
     from promptclip.methods.official import OfficialCheckpointError, load_official_prompt
 
     try:

@@ -42,10 +42,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
     from promptclip.clip.weights import load_clip
     from promptclip.commands.evaluate import backbone_source
     from promptclip.commands.predict import build_predictor, class_list, load_images
+    from promptclip.errors import CLIError
     from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
     from promptclip.runs.inputs import resolve_device
 
@@ -73,7 +73,7 @@ def run_explain(args: argparse.Namespace) -> int:
 
 
 def _target_class(name: str | None, learner: Any, pixels: torch.Tensor) -> int:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     if name is None:
         with torch.no_grad():

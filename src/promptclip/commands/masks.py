@@ -86,9 +86,9 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def run_gradcam(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
     from promptclip.clip.weights import load_clip
     from promptclip.commands.evaluate import backbone_source
+    from promptclip.errors import CLIError
     from promptclip.runs.inputs import resolve_device
 
     if not 0.0 <= args.threshold <= 1.0:
@@ -216,9 +216,9 @@ def write_gradcam_masks(
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
     from promptclip.data.commands import mask_config_from_args
     from promptclip.data.masks import FileMaskStore, MaskConfig
+    from promptclip.errors import CLIError
 
     if args.count < 1:
         raise CLIError("--count must be at least 1")
@@ -333,7 +333,7 @@ def write_png(path: Path, array: np.ndarray) -> None:
 def _save_png(array: np.ndarray, path: Path) -> None:
     path = path.expanduser()
     if path.suffix.lower() != ".png":
-        from promptclip.cli import CLIError
+        from promptclip.errors import CLIError
 
         raise CLIError(f"--out {path}: give a .png file name")
     write_png(path, array)

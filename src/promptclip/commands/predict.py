@@ -35,7 +35,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def class_list(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
     """(class names, template) from --classes or --dataset; (None, None) to use the prompt's own."""
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     if args.classes and args.dataset:
         raise CLIError("give either --classes or --dataset, not both")
@@ -55,9 +55,9 @@ def class_list(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
     from promptclip.clip.weights import load_clip
     from promptclip.engine.evaluate import predict_probabilities
+    from promptclip.errors import CLIError
     from promptclip.runs.inputs import resolve_device
 
     if args.topk < 1:
@@ -102,7 +102,7 @@ def run_predict(args: argparse.Namespace) -> int:
 def build_predictor(
     clip: Any, prompt_dir: Path | None, names: list[str] | None, template: str | None, ensemble: bool
 ) -> Any:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
     from promptclip.methods.base import PromptModel
     from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
 
@@ -121,9 +121,9 @@ def build_predictor(
 def load_images(paths: list[str], image_size: int) -> Any:
     import torch
 
-    from promptclip.cli import CLIError
     from promptclip.clip.transforms import EvalTransform
     from promptclip.data.datasets.base import open_rgb
+    from promptclip.errors import CLIError
 
     transform = EvalTransform(image_size)
     tensors = []

@@ -55,7 +55,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
     from promptclip.pretraining import (
         PretrainConfig,
         PretrainError,

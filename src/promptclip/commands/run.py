@@ -22,32 +22,18 @@ from promptclip.recipes import recipe_name, resolve_recipe
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix (bad config, data, weights, checkpoints) into `CLIError`."""
-    from promptclip.cli import CLIError
-    from promptclip.clip.weights import WeightsError
-    from promptclip.data.datasets import DatasetError
-    from promptclip.engine.checkpoint import CheckpointError
-    from promptclip.engine.train import NonFiniteLossError
-    from promptclip.io import DISK_FULL_ERRNOS, DiskFullError
-    from promptclip.protocols.spec import ProtocolError
-    from promptclip.runs import RunError
+    """Turn the errors a user can fix (bad config, data, weights, checkpoints, run folders) into `CLIError`."""
+    from promptclip.errors import CLIError, user_error_message
 
     try:
         yield
-    except WeightsError as err:
-        raise CLIError(f"{err} (on the command line: --opts model.weights FILE, or --weights FILE)") from None
-    except (ConfigError, DatasetError, CheckpointError, ProtocolError, RunError) as err:
-        raise CLIError(str(err)) from None
-    except NonFiniteLossError as err:
-        raise CLIError(str(err)) from None
-    except OSError as err:  # a full disk anywhere (atomic writers raise DiskFullError, appends a bare OSError)
-        if err.errno not in DISK_FULL_ERRNOS:
+    except CLIError:
+        raise
+    except Exception as err:
+        message = user_error_message(err)
+        if message is None:
             raise
-        full = err if isinstance(err, DiskFullError) else DiskFullError(Path(err.filename or "(a file)"), err)
-        raise CLIError(str(full)) from None
-    except KeyError as err:  # registry lookups name every known entry
-        message = err.args[0] if err.args else str(err)
-        raise CLIError(str(message)) from None
+        raise CLIError(message) from None
 
 
 def load_config(
@@ -175,7 +161,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_protocol(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     with user_errors():
         specs, cfg = plan(args)

@@ -145,7 +145,7 @@ def mask_config_from_args(args: argparse.Namespace) -> MaskConfig | None:
 
 
 def _cli_error(err: Exception) -> Exception:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     return CLIError(str(err))
 
@@ -191,7 +191,7 @@ def print_report(report: CheckReport, max_list: int = DEFAULT_LIST_LIMIT) -> Non
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from promptclip.cli import CLIError
+    from promptclip.errors import CLIError
 
     if args.shots < 1:
         raise CLIError(f"--shots {args.shots}: K < 1 means every image, which needs no draw; give K >= 1")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
+from promptclip.engine import stop
 from promptclip.engine.learner import Learner
 
 if TYPE_CHECKING:
@@ -144,8 +145,9 @@ def evaluate(
     was_training = learner.training
     learner.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), stop.safe_points():
             for batch in _iterate(batches, progress, desc):
+                stop.check()
                 batch = move_batch(batch, device)
                 with autocast_context(device, precision):
                     logits = _logits(learner, batch, store)

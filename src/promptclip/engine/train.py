@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from promptclip.config import OptimConfig
+from promptclip.engine import stop
 from promptclip.engine.checkpoint import (
     TrainingCheckpoint,
     capture_rng_state,
@@ -72,6 +73,24 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(
             f"non-finite loss at epoch {epoch + 1}, batch {batch_index} (optimiser step {step}): {shown}{where}; "
             f"{kept}. Lower optim.lr, set optim.max_grad_norm, or use model.precision fp32/bf16 instead of fp16."
+        )
+
+
+# A trained tensor whose largest magnitude grows past this many times its starting scale (at least 1) has
+# diverged: prompts live near the scale of CLIP's token embeddings (~1e-2..1), so a healthy run stays orders
+# of magnitude below it, while a learning rate that explodes reaches it within an epoch.
+DIVERGENCE_FACTOR = 1e4
+
+
+class DivergedError(RuntimeError):
+    """Trained tensors became non-finite or exploded although every loss was finite."""
+
+    def __init__(self, epoch: int, name: str, magnitude: float, limit: float, lr: float) -> None:
+        self.epoch, self.name, self.magnitude = epoch, name, magnitude
+        what = "is not finite" if not math.isfinite(magnitude) else f"reached |x| = {magnitude:.3g} (limit {limit:.3g})"
+        super().__init__(
+            f"training diverged in epoch {epoch}: the trained tensor {name} {what}; its results would be "
+            f"meaningless. Lower optim.lr (now {lr:g}) or set optim.max_grad_norm, and start the run again"
         )
 
 
@@ -206,6 +225,9 @@ class Trainer:
         self.is_main = data_parallel is None or data_parallel.is_main
         learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
         self.parameters = list(learner.trainable_parameters().values())
+        self._divergence_limit = DIVERGENCE_FACTOR * max(
+            [1.0, *(float(p.detach().abs().max()) for p in self.parameters if p.numel())]
+        )
         self.optimizer = build_optimizer(self.parameters, optim)
         self.schedule = WarmupCosineSchedule(self.optimizer, optim)
         use_scaler = self.device.type == "cuda" and precision == "fp16"
@@ -260,11 +282,14 @@ class Trainer:
         history: list[dict[str, Any]] = []
         last_loss: float | None = None
         try:
-            while self.epoch < self.cfg.epochs:
-                record = self._run_epoch(self.epoch)
-                history.append(record)
-                last_loss = record["loss"]
-                self._finish_epoch(record)
+            with stop.safe_points():  # Ctrl-C / SIGTERM stop at the next step, the checkpoint kept
+                while self.epoch < self.cfg.epochs:
+                    record = self._run_epoch(self.epoch)
+                    history.append(record)
+                    last_loss = record["loss"]
+                    self._check_divergence()  # before the checkpoint: last.pt stays the last sound epoch
+                    self._finish_epoch(record)
+                    stop.check(self.epoch, self.cfg.epochs)
         finally:
             if self._tensorboard is not None:
                 self._tensorboard.close()
@@ -329,6 +354,7 @@ class Trainer:
                 count += 1
                 if closes_group:
                     self._optimizer_step()
+                    stop.check(self.epoch, self.cfg.epochs)
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
         if count == 0:
@@ -404,6 +430,15 @@ class Trainer:
             self.data_parallel.average_buffers(self.learner.extra_state_buffers().values())
         self.global_step += 1
         fault_point("after_step")
+
+    def _check_divergence(self) -> None:
+        """Stop a run whose trained tensors are non-finite or exploding (checked once per epoch: one host sync)."""
+        for name, param in self.learner.trainable_parameters().items():
+            if not param.numel():
+                continue
+            magnitude = float(param.detach().abs().max())
+            if not math.isfinite(magnitude) or magnitude > self._divergence_limit:
+                raise DivergedError(self.epoch + 1, name, magnitude, self._divergence_limit, self.cfg.lr)
 
     def _finish_epoch(self, record: dict[str, Any]) -> None:
         self.schedule.step()

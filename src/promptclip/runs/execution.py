@@ -23,6 +23,7 @@ from promptclip.engine.distributed import (
     is_main_process,
 )
 from promptclip.engine.evaluate import ImageFeatureCache
+from promptclip.engine.stop import Stopped
 from promptclip.engine.train import EpochCallback, RunLog
 from promptclip.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from promptclip.locks import RunLock, RunLockError
@@ -159,6 +160,10 @@ def _execute_locked(planned: PlannedRun, options: RunOptions, lock: RunLock) -> 
         try:
             with _library_messages_to(log):
                 results = run_work(planned, options, log)
+        except Stopped as stopped:
+            stopped.run_dir = stopped.run_dir or run_dir.path
+            log.to_file(f"{stopped} after {stopped.epochs_done} epochs; continue with --resume")
+            raise
         except Exception as err:
             log.to_file(f"run failed: {type(err).__name__}: {err}")
             raise

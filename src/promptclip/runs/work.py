@@ -73,7 +73,7 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
     else:
         full = subsample_classes(source, spec.train_subsample) if planned.needs.full_training_classes else None
         context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full)
-        learner = learner_for_run(clip, cfg, splits.classnames, splits.template, context).to(device)
+        learner = build_learner(planned, clip, splits, context).to(device)
         log(_parameter_line(learner))
         train_info = train(learner, splits, planned, clip, device, options, log)
         if stage1_dir is not None:
@@ -102,6 +102,19 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
         train=train_info,
         extra=extra,
     )
+
+
+def build_learner(planned: PlannedRun, clip: CLIP, splits: DatasetSplits, context: PluginContext) -> PromptModel:
+    """The run's learner; a config value the method refuses (a prompt length that does not fit its words, a
+    depth beyond the backbone's layers, ...) stops the run with the method's reason and where to change it."""
+    cfg = planned.cfg
+    try:
+        return learner_for_run(clip, cfg, splits.classnames, splits.template, context)
+    except ValueError as err:
+        raise RunError(
+            f"{cfg.method} on {planned.spec.dataset} ({len(splits.classnames)} classes): {err}. Change the "
+            "method_cfg / plugins values in the recipe or with --opts"
+        ) from None
 
 
 def run_stage1(planned: PlannedRun, options: RunOptions, log: Log) -> Path | None:
