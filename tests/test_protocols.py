@@ -14,13 +14,14 @@ from promptclip.protocols.spec import (
     DG_TARGETS,
     ProtocolError,
     Sweep,
+    check_dataset_options,
+    dataset_options,
     expand,
     parse_shard,
     take_shard,
 )
 from promptclip.runs import execution as runs_execute
 from promptclip.runs import inputs as run_inputs
-from promptclip.runs.errors import RunError
 
 
 def cfg(method: str = "coop"):
@@ -192,9 +193,9 @@ def test_dataset_options_go_to_the_datasets_that_take_them() -> None:
     run_cfg = build_run_config(
         {"method": "coop", "data": {"options": {"train_per_class": 3, "synthetic_scenes": {"train_per_class": 5}}}}
     )
-    assert run_inputs.dataset_options(run_cfg, "synthetic_shapes") == {"train_per_class": 3}
-    assert run_inputs.dataset_options(run_cfg, "synthetic_scenes") == {"train_per_class": 5}
-    assert run_inputs.dataset_options(run_cfg, "dtd") == {}
-    run_inputs.check_dataset_options(run_cfg, ["synthetic_shapes", "dtd"])
-    with pytest.raises(RunError, match=r"data\.options: train_per_class"):
-        run_inputs.check_dataset_options(run_cfg, ["dtd"])
+    assert dataset_options(run_cfg, "synthetic_shapes") == {"train_per_class": 3}
+    assert dataset_options(run_cfg, "synthetic_scenes") == {"train_per_class": 5}
+    assert dataset_options(run_cfg, "dtd") == {}
+    check_dataset_options(run_cfg, ["synthetic_shapes", "dtd"])
+    with pytest.raises(ProtocolError, match=r"data\.options: train_per_class"):
+        check_dataset_options(run_cfg, ["dtd"])

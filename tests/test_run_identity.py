@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from promptclip.cli import main
 from promptclip.clip.weights import load_clip, save_clip
@@ -27,10 +26,9 @@ def cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTCLIP_CACHE", str(tmp_path / "cache"))
 
 
-def saved_weights(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
+def saved_weights(tiny_clips, folder: Path, seed: int) -> Path:
     path = folder / f"tiny-vit-{seed}.safetensors"
-    save_clip(load_clip("tiny-vit", weights="random"), path)
+    save_clip(tiny_clips("tiny-vit", seed), path)
     return path
 
 
@@ -113,9 +111,9 @@ def test_a_method_field_and_a_plugin_field_are_variants(tmp_path: Path) -> None:
     assert sorted(r["identity"]["plugins.dapt.margin"] for r in results_under(dapt)) == [0.5, 1.5]
 
 
-def test_other_backbone_weights_are_another_run(tmp_path: Path) -> None:
+def test_other_backbone_weights_are_another_run(tiny_clips, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    first, second = saved_weights(tmp_path, 0), saved_weights(tmp_path, 1)
+    first, second = saved_weights(tiny_clips, tmp_path, 0), saved_weights(tiny_clips, tmp_path, 1)
     assert sweep(runs, "model.weights", str(first)) == 0
     assert sweep(runs, "model.weights", str(second)) == 0
     found = results_under(runs)
@@ -218,3 +216,39 @@ def test_dry_run_shows_each_state_and_writes_nothing(tmp_path: Path, capsys: pyt
     assert main([*argv, "--dry-run", "--opts", "optim.lr", "0.5"]) == 0
     assert "2 runs, 0 done, 2 to run" in capsys.readouterr().out
     assert snapshot(runs) == before
+
+
+# -- own data ----------------------------------------------------------------------------------------------------
+def image_folders(root: Path, classes: list[str], per_class: int = 4) -> Path:
+    from PIL import Image
+
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            Image.new("RGB", (32, 32), (40 * label, 10 * index, 90)).save(root / name / f"{index}.png")
+    return root
+
+
+def own_sweep(runs: Path, root: Path, *extra: str) -> int:
+    import yaml
+
+    recipe = yaml.safe_load(Path(SMOKE).read_text())
+    recipe["data"].pop("options")  # the synthetic world's options; own data take none here
+    path = runs.parent / "own.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    argv = ["run", "few_shot", "--recipe", str(path), "--datasets", "folder", "--root", str(root), "--shots", "1"]
+    return main([*argv, "--seeds", "1", "--runs-dir", str(runs), "--quiet", *extra])
+
+
+def test_own_datasets_in_other_folders_are_other_runs_and_moved_data_keep_theirs(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    pets = image_folders(tmp_path / "pets", ["cat", "dog", "fox"], per_class=10)
+    tools = image_folders(tmp_path / "tools", ["saw", "axe"], per_class=10)
+    assert own_sweep(runs, pets) == 0 and own_sweep(runs, tools) == 0
+    found = results_under(runs)
+    assert sorted(r["dataset"] for r in found) == ["pets", "tools"]
+    assert sorted(len(r["evaluations"]["all"]["total"]) for r in found) == [2, 3]  # nothing reused across them
+    # The same data under another root, with the same --name: the same run, found finished.
+    moved = image_folders(tmp_path / "elsewhere" / "pets-copy", ["cat", "dog", "fox"], per_class=10)
+    assert own_sweep(runs, moved, "--name", "pets") == 0
+    assert len(results_under(runs)) == 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -155,7 +155,44 @@ def sweep_spec(
 def dataset_folder_name(cfg: RunConfig, dataset: str) -> str:
     """The name `dataset` goes by in run folders and reports: its own for the field's datasets, the user's
     `--name` (default: the data folder's name) for own folder/CSV datasets."""
-    return dataset
+    from promptclip.data.datasets.base import dataset_display_name
+
+    return dataset_display_name(dataset, cfg.data.root, dataset_options(cfg, dataset))
+
+
+def dataset_options(cfg: RunConfig, dataset: str) -> dict[str, Any]:
+    """Options for `dataset`: `data.options` entries it accepts, then `data.options.<dataset>` overrides.
+
+    A run touches several datasets (cross-dataset targets); a shared option applies to every dataset that
+    has it, and an option no dataset of the run accepts is an error raised by `check_dataset_options`.
+    """
+    options = cfg.data.options or {}
+    per_dataset = options.get(dataset)
+    shared = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
+    from promptclip.data.datasets.base import builder_options, make_builder
+
+    accepted = builder_options(type(make_builder(dataset)))
+    chosen = {k: v for k, v in shared.items() if k in accepted}
+    if isinstance(per_dataset, Mapping):
+        chosen.update(per_dataset)
+    return chosen
+
+
+def check_dataset_options(cfg: RunConfig, datasets: Sequence[str]) -> None:
+    options = cfg.data.options or {}
+    shared = [k for k, v in options.items() if not isinstance(v, Mapping)]
+    from promptclip.data.datasets.base import builder_options, make_builder
+
+    accepted: set[str] = set()
+    for name in datasets:
+        accepted |= set(builder_options(type(make_builder(name))))
+    unused = [k for k in shared if k not in accepted]
+    if unused:
+        raise ProtocolError(
+            f"data.options: {', '.join(unused)} is not an option of {', '.join(sorted(set(datasets)))}; "
+            "see `promptclip data info --dataset NAME` for each dataset's options"
+        )
+
 
 
 def single_run_spec(cfg: RunConfig, recipe: str, runs_dir: str | Path, run_dir: str | Path | None = None) -> RunSpec:

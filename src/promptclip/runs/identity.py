@@ -83,9 +83,10 @@ class RunIdentity:
 
 
 def config_identity(cfg: RunConfig) -> dict[str, Any]:
-    """The identity keys of a run config: every key but the neutral ones."""
+    """The identity keys of a run config: every key but the neutral ones and the dataset options (which
+    `run_identity` takes from the datasets' own root-independent identities)."""
     values = flatten(to_dict(cfg))
-    return {k: v for k, v in values.items() if k not in NEUTRAL_KEYS}
+    return {k: v for k, v in values.items() if k not in NEUTRAL_KEYS and not k.startswith("data.options")}
 
 
 def run_identity(
@@ -93,7 +94,8 @@ def run_identity(
     *,
     protocol: str,
     targets: Sequence[Mapping[str, Any]],
-    dataset_identity: str,
+    dataset_name: str,
+    datasets: Mapping[str, Mapping[str, Any]],
     backbone: Mapping[str, Any],
     ratio: float | None = None,
     selector: str | None = None,
@@ -101,10 +103,14 @@ def run_identity(
 ) -> RunIdentity:
     """The identity of one run of `cfg` (dataset, shots, class subset and seed filled in by the spec).
 
-    `dataset_identity` names the data independently of where it lives; `backbone` holds `arch` and
-    `weights_sha256`; `stage1` is the identity of a run this one starts from (its keys go under `stage1.`)."""
+    `dataset_name` is the training data's name (an own dataset's `--name`); `datasets` holds the identity of
+    every dataset the run reads, independent of where it lives (`data.source.<dataset>.*`: name, options, the
+    content of files that options name); `backbone` holds `arch` and `weights_sha256`; `stage1` is the identity
+    of a run this one starts from (its keys go under `stage1.`)."""
     values = config_identity(cfg)
-    values["data.dataset"] = dataset_identity
+    values["data.dataset"] = dataset_name
+    for dataset, identity in sorted(datasets.items()):
+        values.update(flatten(dict(identity), f"data.source.{dataset}."))
     values.update({f"backbone.{k}": _json_value(v) for k, v in backbone.items()})
     values["protocol"] = protocol
     values["targets"] = [_json_value(dict(t)) for t in targets]

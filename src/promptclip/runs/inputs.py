@@ -4,7 +4,7 @@ and the check of every image before any work starts."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,11 +12,11 @@ import torch
 from promptclip.clip.model import CLIP
 from promptclip.config import RunConfig
 from promptclip.data.datasets import DatasetSplits, build_dataset
-from promptclip.data.datasets.base import SplitName, builder_options, make_builder
+from promptclip.data.datasets.base import SplitName
 from promptclip.data.datasets.check import screen_images
 from promptclip.data.fewshot import fewshot_splits, subsample_classes
 from promptclip.data.loader import build_loader
-from promptclip.protocols.spec import EvalTarget, RunSpec
+from promptclip.protocols.spec import EvalTarget, RunSpec, dataset_options
 from promptclip.runs.errors import RunError
 
 IN_MEMORY_MAX_IMAGES = 2000  # decode small (few-shot) training sets once instead of every epoch
@@ -33,36 +33,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 # -- datasets --------------------------------------------------------------------------------------------------
-def dataset_options(cfg: RunConfig, dataset: str) -> dict[str, Any]:
-    """Options for `dataset`: `data.options` entries it accepts, then `data.options.<dataset>` overrides.
-
-    A run touches several datasets (cross-dataset targets); a shared option applies to every dataset that
-    has it, and an option no dataset of the run accepts is an error raised by `check_dataset_options`.
-    """
-    options = cfg.data.options or {}
-    per_dataset = options.get(dataset)
-    shared = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
-    accepted = builder_options(type(make_builder(dataset)))
-    chosen = {k: v for k, v in shared.items() if k in accepted}
-    if isinstance(per_dataset, Mapping):
-        chosen.update(per_dataset)
-    return chosen
-
-
-def check_dataset_options(cfg: RunConfig, datasets: Sequence[str]) -> None:
-    options = cfg.data.options or {}
-    shared = [k for k, v in options.items() if not isinstance(v, Mapping)]
-    accepted: set[str] = set()
-    for name in datasets:
-        accepted |= set(builder_options(type(make_builder(name))))
-    unused = [k for k in shared if k not in accepted]
-    if unused:
-        raise RunError(
-            f"data.options: {', '.join(unused)} is not an option of {', '.join(sorted(set(datasets)))}; "
-            "see `promptclip data info --dataset NAME` for each dataset's options"
-        )
-
-
 class DatasetCache:
     """Each dataset of a run is read once (a cross-dataset run evaluates up to eleven)."""
 

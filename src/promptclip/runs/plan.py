@@ -16,7 +16,7 @@ import yaml
 from promptclip.config import RunConfig, replace, to_dict
 from promptclip.factory import run_needs
 from promptclip.methods.base import RunNeeds
-from promptclip.protocols.spec import RunSpec
+from promptclip.protocols.spec import RunSpec, dataset_options
 from promptclip.runs.identity import RunIdentity, run_identity
 from promptclip.runs.rundir import PROMPT_DIR, RunDir, RunState, locate_recipe_folder
 from promptclip.runs.stages import stage_spec
@@ -66,7 +66,8 @@ def plan_run(spec: RunSpec, cfg: RunConfig) -> PlannedRun:
         targets=[
             {"key": t.key, "dataset": t.dataset, "subsample": t.subsample, "split": t.split} for t in spec.targets
         ],
-        dataset_identity=spec.folder_dataset,
+        dataset_name=spec.folder_dataset,
+        datasets=datasets_identity(run_cfg, [spec.dataset, *(t.dataset for t in spec.targets)]),
         backbone=backbone_identity(run_cfg),
         ratio=spec.ratio,
         selector=spec.selector,
@@ -102,6 +103,13 @@ def reusable_prompt(planned: PlannedRun) -> Path | None:
 
 def _training_id(planned: PlannedRun) -> str:
     return planned.identity.training_id
+
+
+def datasets_identity(cfg: RunConfig, datasets: list[str]) -> dict[str, dict[str, Any]]:
+    """The root-independent identity of each dataset a run reads (see `data.datasets.dataset_identity`)."""
+    from promptclip.data.datasets.base import dataset_identity
+
+    return {name: dataset_identity(name, cfg.data.root, dataset_options(cfg, name)) for name in dict.fromkeys(datasets)}
 
 
 # -- the backbone's part of the identity -------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from promptclip.engine.distributed import current_data_parallel, is_main_process
 from promptclip.engine.train import MetricsFile, Trainer
 from promptclip.factory import from_pretrained, learner_for_run
 from promptclip.methods.base import PluginContext, PromptModel
+from promptclip.protocols.spec import check_dataset_options
 from promptclip.runs import group as rank_group
 from promptclip.runs.errors import RunError
 from promptclip.runs.evaluation import describe_counts, eval_subset_of, evaluate_target, to_evaluation
 from promptclip.runs.inputs import (
     DatasetCache,
-    check_dataset_options,
     load_backbone,
     resolve_device,
     screen_run_images,
