@@ -16,7 +16,7 @@ from fake_data import write_split_json
 from PIL import Image
 
 from promptclip.cli import main
-from promptclip.clip.weights import load_clip
+from promptclip.clip.model import CLIP
 from promptclip.data.datasets import DatasetError, build_dataset
 from promptclip.data.loader import build_loader
 from promptclip.data.masks import MaskConfig, MaskError, attach_masks, check_mask_files
@@ -268,12 +268,11 @@ def test_binary_masks_read_as_label_indices_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def coop_prompt(tmp_path: Path) -> Path:
+def coop_prompt(tiny_clip: CLIP, tmp_path: Path) -> Path:
     """A run's prompt trained with a saved tiny-vit backbone."""
     from promptclip.clip.weights import save_clip
 
-    torch.manual_seed(0)
-    weights = save_clip(load_clip("tiny-vit", weights="random"), tmp_path / "tiny-vit.safetensors")
+    weights = save_clip(tiny_clip, tmp_path / "tiny-vit.safetensors")
     run_dir = tmp_path / "run"
     argv = ["train", "--recipe", str(RECIPE), "--output", str(run_dir), "--quiet", "--no-progress"]
     assert main([*argv, "--opts", "model.weights", str(weights)]) == 0
@@ -285,14 +284,15 @@ def eval_argv(prompt: Path, *extra: str) -> list[str]:
     return ["eval", "--prompt", str(prompt), "--dataset", "synthetic_shapes", *options, "--no-progress", *extra]
 
 
-def test_a_prompt_for_another_backbone_is_refused(coop_prompt: Path, tmp_path: Path, capsys) -> None:
+def test_a_prompt_for_another_backbone_is_refused(
+    tiny_rn_clip, tiny_clips, coop_prompt: Path, tmp_path: Path, capsys
+) -> None:
     from promptclip.clip.weights import save_clip
 
-    other = save_clip(load_clip("tiny-rn", weights="random"), tmp_path / "tiny-rn.safetensors")
+    other = save_clip(tiny_rn_clip, tmp_path / "tiny-rn.safetensors")
     err = refused(capsys, eval_argv(coop_prompt, "--arch", "tiny-rn", "--weights", str(other)))
     assert f"{coop_prompt}: prompt was trained on backbone 'tiny-vit'" in err and "load the matching CLIP" in err
-    torch.manual_seed(1)
-    same_arch = save_clip(load_clip("tiny-vit", weights="random"), tmp_path / "other-vit.safetensors")
+    same_arch = save_clip(tiny_clips("tiny-vit", 1), tmp_path / "other-vit.safetensors")
     err = refused(capsys, eval_argv(coop_prompt, "--arch", "tiny-vit", "--weights", str(same_arch)))
     assert "trained on CLIP weights with sha256" in err and "load the same weights file" in err
 
@@ -304,11 +304,11 @@ def test_a_damaged_prompt_file_is_refused_with_its_name(coop_prompt: Path, capsy
     assert f"{weights}: not a readable prompt file" in err and "save the prompt again" in err
 
 
-def test_a_class_specific_prompt_for_another_class_count_is_refused(tmp_path: Path) -> None:
+def test_a_class_specific_prompt_for_another_class_count_is_refused(tiny_clip, tmp_path: Path) -> None:
     from promptclip.methods.base import PromptModel
     from promptclip.methods.coop import CoOp, CoOpConfig
 
-    clip = load_clip("tiny-vit", weights="random")
+    clip = tiny_clip
     CoOp(clip, ["a", "b", "c"], CoOpConfig(n_ctx=2, csc=True)).save_pretrained(tmp_path / "p")
     with pytest.raises(ValueError, match=rf"{tmp_path / 'p'}.*class-specific context"):
         PromptModel.from_pretrained(clip, tmp_path / "p", classnames=["a", "b", "c", "d"])

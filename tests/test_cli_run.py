@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from promptclip.cli import main
+from promptclip.clip.model import CLIP
 from promptclip.clip.weights import load_clip, save_clip
 from promptclip.commands.run import load_config
 from promptclip.io import sha256_file
@@ -31,11 +32,10 @@ def cache_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def weights(tiny_clip: CLIP, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny CLIP with fixed random weights, saved so that every command loads the same backbone."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny-vit.safetensors"
-    save_clip(load_clip("tiny-vit", weights="random"), path)
+    save_clip(tiny_clip, path)
     return path
 
 

@@ -10,18 +10,11 @@ import torch
 
 import promptclip.clip
 from promptclip.clip.model import CLIP, ArchConfig
-from promptclip.clip.weights import load_clip
 from promptclip.methods.cocoop import CoCoOp, CoCoOpConfig, meta_net_widths
 from promptclip.methods.coop import CoOp, CoOpConfig
 
 CLASSES = ["cat", "golden retriever", "red sports car", "tree"]
 ARCHS = Path(promptclip.clip.__file__).parent / "archs"
-
-
-@pytest.fixture(scope="module")
-def clip() -> CLIP:
-    torch.manual_seed(0)
-    return load_clip("tiny-vit", weights="random")
 
 
 def images(clip: CLIP, count: int = 3, seed: int = 0) -> torch.Tensor:
@@ -46,8 +39,8 @@ def test_meta_net_widths_follow_the_backbone() -> None:
         meta_net_widths(tiny, hidden=0)
 
 
-def test_defaults_are_the_official_recipe(clip: CLIP) -> None:
-    learner = cocoop(clip)
+def test_defaults_are_the_official_recipe(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
     assert learner.ctx.shape == (4, 64)  # "a photo of a"
     assert learner.meta_net.linear1.weight.shape == (2, 32)
     assert learner.meta_net.linear2.weight.shape == (64, 2)
@@ -63,9 +56,9 @@ def test_defaults_are_the_official_recipe(clip: CLIP) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 1, 5, 8, 100])
 @pytest.mark.parametrize("position", ["end", "middle"])
-def test_batched_equals_one_image_at_a_time(clip: CLIP, chunk: int | None, position: str) -> None:
-    learner = cocoop(clip, text_chunk_size=chunk, class_token_position=position)
-    x = images(clip, 5)
+def test_batched_equals_one_image_at_a_time(tiny_clip: CLIP, chunk: int | None, position: str) -> None:
+    learner = cocoop(tiny_clip, text_chunk_size=chunk, class_token_position=position)
+    x = images(tiny_clip, 5)
     with torch.no_grad():
         batched = learner({"image": x})
         single = [learner({"image": x[i : i + 1]}) for i in range(len(x))]
@@ -75,14 +68,14 @@ def test_batched_equals_one_image_at_a_time(clip: CLIP, chunk: int | None, posit
     assert torch.allclose(batched.text_features, torch.cat([s.text_features for s in single]), atol=1e-5)
 
 
-def test_chunk_size_bounds_rows_per_text_pass(clip: CLIP) -> None:
-    x = images(clip, 3)
+def test_chunk_size_bounds_rows_per_text_pass(tiny_clip: CLIP) -> None:
+    x = images(tiny_clip, 3)
     rows: list[int] = []
-    handle = clip.transformer.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    handle = tiny_clip.transformer.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     passes = {}
     try:
         for chunk in (None, 8, 5, 2):
-            learner = cocoop(clip, text_chunk_size=chunk)
+            learner = cocoop(tiny_clip, text_chunk_size=chunk)
             rows.clear()
             with torch.no_grad():
                 learner({"image": x})
@@ -95,24 +88,24 @@ def test_chunk_size_bounds_rows_per_text_pass(clip: CLIP) -> None:
     assert passes[2] == [2, 2] * 3  # one image split in two
 
 
-def test_context_shift_is_added_to_every_context_token(clip: CLIP) -> None:
-    learner = cocoop(clip)
-    x = images(clip, 2)
+def test_context_shift_is_added_to_every_context_token(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
+    x = images(tiny_clip, 2)
     with torch.no_grad():
         image = learner.image_features(x)
         shift = learner.context_shift(image)
         features = learner.conditional_text_features(image)
         for i in range(len(x)):
-            plain = CoOp(clip, CLASSES, CoOpConfig(n_ctx=4))
+            plain = CoOp(tiny_clip, CLASSES, CoOpConfig(n_ctx=4))
             plain.ctx.copy_(learner.ctx + shift[i])
             assert torch.allclose(features[i], plain.text_features(), atol=1e-6)
     assert shift.abs().sum() > 0
 
 
-def test_text_features_are_the_context_without_shift(clip: CLIP) -> None:
-    learner = cocoop(clip)
-    coop = CoOp(clip, CLASSES, CoOpConfig(ctx_init="a photo of a"))
-    x = images(clip, 2)
+def test_text_features_are_the_context_without_shift(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
+    coop = CoOp(tiny_clip, CLASSES, CoOpConfig(ctx_init="a photo of a"))
+    x = images(tiny_clip, 2)
     learner.eval()
     with torch.no_grad():
         assert torch.allclose(learner.text_features(), coop.text_features(), atol=1e-6)
@@ -125,10 +118,10 @@ def test_text_features_are_the_context_without_shift(clip: CLIP) -> None:
     assert torch.allclose(unshifted, learner.text_features().expand(2, -1, -1), atol=1e-6)
 
 
-def test_conditional_features_of_other_names(clip: CLIP) -> None:
-    learner = cocoop(clip)
+def test_conditional_features_of_other_names(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
     with torch.no_grad():
-        image = learner.image_features(images(clip, 2))
+        image = learner.image_features(images(tiny_clip, 2))
         other = learner.conditional_text_features(image, ["house", "blue whale"])
         learner.set_classnames(["house", "blue whale"])
         switched = learner.conditional_text_features(image)
@@ -136,10 +129,10 @@ def test_conditional_features_of_other_names(clip: CLIP) -> None:
     assert torch.allclose(other, switched, atol=1e-6)
 
 
-def test_meta_net_and_context_get_gradient(clip: CLIP) -> None:
-    learner = cocoop(clip)
+def test_meta_net_and_context_get_gradient(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
     learner.train()
-    batch = {"image": images(clip, 3), "label": torch.tensor([0, 2, 3])}
+    batch = {"image": images(tiny_clip, 3), "label": torch.tensor([0, 2, 3])}
     losses = learner.loss(batch, learner(batch))
     assert set(losses) == {"ce"}
     losses["ce"].backward()
@@ -148,9 +141,9 @@ def test_meta_net_and_context_get_gradient(clip: CLIP) -> None:
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_logits_use_the_frozen_scale(clip: CLIP) -> None:
-    learner = cocoop(clip)
+def test_logits_use_the_frozen_scale(tiny_clip: CLIP) -> None:
+    learner = cocoop(tiny_clip)
     with torch.no_grad():
-        out = learner({"image": images(clip, 2)})
-        expected = clip.logit_scale.exp() * (out.image_features.unsqueeze(1) * out.text_features).sum(-1)
+        out = learner({"image": images(tiny_clip, 2)})
+        expected = tiny_clip.logit_scale.exp() * (out.image_features.unsqueeze(1) * out.text_features).sum(-1)
     assert torch.allclose(out.logits, expected, atol=1e-5)

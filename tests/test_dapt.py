@@ -4,6 +4,7 @@ the data, DAPT-G from Grad-CAM) and the pass-through at test time, on a tiny ran
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,6 @@ import torch.nn.functional as F
 import yaml
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.weights import load_clip
 from promptclip.config import ConfigError, OptimConfig
 from promptclip.engine.train import Trainer
 from promptclip.methods.base import PromptModel, get_prompt_model
@@ -25,26 +25,30 @@ from promptclip.recipes import list_recipes
 NAMES = ["cat", "dog", "car", "tree"]
 OTHER_NAMES = ["whale", "plane", "house", "boat"]
 BATCH = 3
-_CLIP: dict[str, CLIP] = {}
 
 
-def tiny_clip() -> CLIP:
-    if "clip" not in _CLIP:
-        torch.manual_seed(1234)
-        _CLIP["clip"] = load_clip("tiny-vit", weights="random")
-    return _CLIP["clip"]
+@pytest.fixture(scope="module")
+def backbone(tiny_clips) -> CLIP:
+    """tiny-vit with the random weights of seed 1234."""
+    return tiny_clips("tiny-vit", 1234)
 
 
-def make(method: str = "maple", names: list[str] = NAMES, seed: int = 0, **dapt: Any) -> DAPT:
-    configs = {"maple": {"depth": 2}, "coop": {"n_ctx": 2}, "cocoop": {}, "promptkd": {"depth_vision": 2}}
-    cfg = {"method": method, **configs.get(method, {})}
-    if method == "promptkd":
-        cfg["teacher_arch"] = ""
-    torch.manual_seed(seed)
-    learner = wrap_with_plugins(get_prompt_model(tiny_clip(), cfg, names), {"dapt": dapt})
-    assert isinstance(learner, DAPT)
-    learner.train()
-    return learner
+@pytest.fixture
+def make(backbone: CLIP) -> Callable[..., DAPT]:
+    """make(method, names, seed, **dapt): a DAPT learner in training mode around `method` on the backbone."""
+
+    def build(method: str = "maple", names: list[str] = NAMES, seed: int = 0, **dapt: Any) -> DAPT:
+        configs = {"maple": {"depth": 2}, "coop": {"n_ctx": 2}, "cocoop": {}, "promptkd": {"depth_vision": 2}}
+        cfg = {"method": method, **configs.get(method, {})}
+        if method == "promptkd":
+            cfg["teacher_arch"] = ""
+        torch.manual_seed(seed)
+        learner = wrap_with_plugins(get_prompt_model(backbone, cfg, names), {"dapt": dapt})
+        assert isinstance(learner, DAPT)
+        learner.train()
+        return learner
+
+    return build
 
 
 def make_batch(seed: int = 0, with_mask: bool = True) -> dict[str, Any]:
@@ -93,15 +97,14 @@ def test_defaults_are_the_official_settings() -> None:
     assert (cfg.gradcam_threshold, cfg.gradcam_refresh) == (0.5, "epoch")
 
 
-def test_bad_settings_are_refused_with_the_field_named() -> None:
+def test_bad_settings_are_refused_with_the_field_named(make, tiny_rn_clip) -> None:
     with pytest.raises(ValueError, match="pull_push_weight"):
         make(pull_push_weight=-1.0)
     with pytest.raises(ValueError, match="background_template"):
         make(background_template="origami")
     with pytest.raises(ConfigError, match=r"plugins\.dapt\.weight"):
         make(weight=1.0)
-    torch.manual_seed(0)
-    resnet = get_prompt_model(load_clip("tiny-rn", weights="random"), {"method": "coop", "n_ctx": 2}, NAMES)
+    resnet = get_prompt_model(tiny_rn_clip, {"method": "coop", "n_ctx": 2}, NAMES)
     with pytest.raises(ValueError, match="ResNet"):
         wrap_with_plugins(resnet, {"dapt": {"mask_source": "gradcam"}})
 
@@ -109,7 +112,7 @@ def test_bad_settings_are_refused_with_the_field_named() -> None:
 # -- the views -----------------------------------------------------------------------------------------------
 
 
-def test_whole_foreground_and_background_go_through_one_batched_forward() -> None:
+def test_whole_foreground_and_background_go_through_one_batched_forward(make) -> None:
     learner = make()
     batch = make_batch()
     x, m = batch["image"], batch["mask"]
@@ -125,7 +128,7 @@ def test_whole_foreground_and_background_go_through_one_batched_forward() -> Non
     assert torch.allclose(output.background_features, learner.inner.image_features(x * (1 - m)), atol=1e-5)
 
 
-def test_black_fill_puts_black_pixels_where_the_mask_removes() -> None:
+def test_black_fill_puts_black_pixels_where_the_mask_removes(make) -> None:
     learner = make(fill="black")
     batch = make_batch()
     with InnerCalls(learner) as calls:
@@ -143,7 +146,7 @@ def test_black_fill_puts_black_pixels_where_the_mask_removes() -> None:
 # -- the three terms -----------------------------------------------------------------------------------------
 
 
-def test_pull_push_gradient_reaches_only_the_whole_image_branch() -> None:
+def test_pull_push_gradient_reaches_only_the_whole_image_branch(make) -> None:
     learner = make()  # epoch 0 of the official schedule: pull-push
     batch = make_batch()
     output = learner(batch)
@@ -170,7 +173,7 @@ def test_pull_push_gradient_reaches_only_the_whole_image_branch() -> None:
         assert torch.allclose(got[name], expected[name], atol=1e-6), name
 
 
-def test_foreground_alignment_trains_only_the_class_prompts() -> None:
+def test_foreground_alignment_trains_only_the_class_prompts(make) -> None:
     learner = make(schedule="joint", pull_push_weight=0.0, background_weight=0.0)
     batch = make_batch()
     output = learner(batch)
@@ -189,7 +192,7 @@ def background_sentences() -> list[str]:
     return [f"a clean origami {name}." for name in BACKGROUND_CLASSES]
 
 
-def test_background_alignment_uses_only_the_background_columns() -> None:
+def test_background_alignment_uses_only_the_background_columns(make) -> None:
     learner = make(schedule="joint", pull_push_weight=0.0, foreground_weight=0.0)
     batch = make_batch()
     output = learner(batch)
@@ -207,7 +210,7 @@ def test_background_alignment_uses_only_the_background_columns() -> None:
     assert not torch.allclose(other_losses["ce"], losses["ce"])
 
 
-def test_background_classes_and_their_encoding_are_configurable() -> None:
+def test_background_classes_and_their_encoding_are_configurable(make, backbone) -> None:
     learner = make(background_classes=["grass", "sky"], background_template="a photo of {}.")
     expected = learner.inner.encode_sentences(["a photo of grass.", "a photo of sky."])
     assert torch.allclose(learner.background_text_features(), expected)
@@ -217,11 +220,11 @@ def test_background_classes_and_their_encoding_are_configurable() -> None:
     frozen = make("coop", background_text="frozen", background_classes=["grass"])
     from promptclip.clip.tokenizer import tokenize
 
-    reference = F.normalize(tiny_clip().encode_text(tokenize(["a clean origami grass."])), dim=-1)
+    reference = F.normalize(backbone.encode_text(tokenize(["a clean origami grass."])), dim=-1)
     assert torch.allclose(frozen.background_text_features(), reference, atol=1e-6)
     torch.manual_seed(0)
     csc = wrap_with_plugins(
-        get_prompt_model(tiny_clip(), {"method": "coop", "n_ctx": 2, "csc": True}, NAMES), {"dapt": {}}
+        get_prompt_model(backbone, {"method": "coop", "n_ctx": 2, "csc": True}, NAMES), {"dapt": {}}
     )
     with pytest.raises(ValueError, match="background_text frozen"):
         csc.background_text_features()
@@ -230,7 +233,7 @@ def test_background_classes_and_their_encoding_are_configurable() -> None:
 # -- the schedule --------------------------------------------------------------------------------------------
 
 
-def test_official_schedule_switches_from_pull_push_to_alignment() -> None:
+def test_official_schedule_switches_from_pull_push_to_alignment(make) -> None:
     learner = make()
     batch = make_batch()
     for epoch, expected in (
@@ -250,7 +253,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_a_resumed_run_follows_the_schedule_and_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+def test_a_resumed_run_follows_the_schedule_and_ends_where_an_uninterrupted_one_does(make, tmp_path: Path) -> None:
     from promptclip.data.datasets import build_dataset
     from promptclip.data.loader import build_loader
     from promptclip.engine.checkpoint import seed_everything
@@ -287,7 +290,7 @@ def test_a_resumed_run_follows_the_schedule_and_ends_where_an_uninterrupted_one_
 # -- masks ---------------------------------------------------------------------------------------------------
 
 
-def test_dapt_g_masks_are_computed_on_the_steps_own_images() -> None:
+def test_dapt_g_masks_are_computed_on_the_steps_own_images(make) -> None:
     learner = make(mask_source="gradcam", gradcam_refresh="step")
     batch = make_batch(with_mask=False)  # DAPT-G needs no mask from the data
     x = batch["image"]
@@ -306,7 +309,7 @@ def test_dapt_g_masks_are_computed_on_the_steps_own_images() -> None:
     assert torch.equal(calls.images[-1][BATCH : 2 * BATCH], x.flip(-1) * flipped_masks)
 
 
-def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start() -> None:
+def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start(make) -> None:
     learner = make(mask_source="gradcam")
     batch = make_batch(seed=2, with_mask=False)
     learner.on_epoch_start(0, 5)
@@ -327,7 +330,7 @@ def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start() -> None:
         assert torch.equal(tensor, moved[name]), name
 
 
-def test_test_time_needs_no_masks() -> None:
+def test_test_time_needs_no_masks(make) -> None:
     for source in ("data", "gradcam"):
         learner = make(mask_source=source)
         learner.train()
@@ -378,7 +381,7 @@ def test_a_run_trains_with_masks_and_evaluates_without(tmp_path: Path, monkeypat
     assert {"dapt_pull_push", "dapt_fg", "dapt_bg"} <= set(metrics[0])
 
 
-def test_dapt_s_reads_mask_files_and_a_missing_mask_stops_the_run(tmp_path: Path) -> None:
+def test_dapt_s_reads_mask_files_and_a_missing_mask_stops_the_run(backbone, tmp_path: Path) -> None:
     from promptclip.cli import main
     from promptclip.data.synthetic import build_task, export_task
 
@@ -402,7 +405,7 @@ def test_dapt_s_reads_mask_files_and_a_missing_mask_stops_the_run(tmp_path: Path
     # Grad-CAM masks precomputed by `promptclip masks gradcam` are read the same way.
     from promptclip.clip.weights import save_clip
 
-    save_clip(tiny_clip(), tmp_path / "tiny.safetensors")
+    save_clip(backbone, tmp_path / "tiny.safetensors")
     cams = tmp_path / "cams"
     command = ["masks", "gradcam", "--dataset", "folder", "--root", str(dataset_dir / "images"), "--out", str(cams)]
     assert main([*command, "--arch", str(tmp_path / "tiny.safetensors"), "--device", "cpu", "--no-progress"]) == 0
@@ -418,23 +421,23 @@ def test_dapt_s_reads_mask_files_and_a_missing_mask_stops_the_run(tmp_path: Path
 # -- saving, other learners ----------------------------------------------------------------------------------
 
 
-def test_a_saved_prompt_records_the_plug_in_and_its_settings(tmp_path: Path) -> None:
+def test_a_saved_prompt_records_the_plug_in_and_its_settings(make, backbone, tmp_path: Path) -> None:
     learner = make(mask_source="gradcam", schedule="joint", background_classes=["grass", "sky"], margin=1.0)
     learner.loss(make_batch(), learner(make_batch()))
     learner.save_pretrained(tmp_path / "prompt")
     saved = json.loads((tmp_path / "prompt" / "prompt_config.json").read_text())
     assert saved["method"] == "maple"
     assert saved["plugins"]["dapt"]["background_classes"] == ["grass", "sky"]
-    loaded = PromptModel.from_pretrained(tiny_clip(), tmp_path / "prompt")
+    loaded = PromptModel.from_pretrained(backbone, tmp_path / "prompt")
     assert isinstance(loaded, DAPT) and loaded.describe()["method"] == "maple"
     assert loaded.cfg == learner.cfg
 
 
-def test_image_conditioned_learners_get_foreground_conditioned_class_features() -> None:
+def test_image_conditioned_learners_get_foreground_conditioned_class_features(make, backbone) -> None:
     learner = make("cocoop", schedule="joint")
     batch = make_batch()
     output = learner(batch)
-    assert output.text_features.shape == (BATCH, len(NAMES), tiny_clip().config.embed_dim)
+    assert output.text_features.shape == (BATCH, len(NAMES), backbone.config.embed_dim)
     assert output.foreground_text_features.shape == output.text_features.shape
     with torch.no_grad():
         per_image = learner.inner({"image": batch["image"] * batch["mask"]}).text_features
@@ -442,7 +445,7 @@ def test_image_conditioned_learners_get_foreground_conditioned_class_features() 
     assert torch.isfinite(sum(learner.loss(batch, output).values()))
 
 
-def test_transductive_learners_never_read_the_labels() -> None:
+def test_transductive_learners_never_read_the_labels(make) -> None:
     # PromptKD trains on unlabelled images of every class: DAPT uses the whole image's prediction instead.
     batch = make_batch()
     relabelled = {**batch, "label": (batch["label"] + 1) % len(NAMES)}

@@ -14,7 +14,7 @@ import yaml
 from dpc_cases import dpc_builder, picture_splits, stage1_learner
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.weights import load_clip
+from promptclip.clip.weights import arch_config
 from promptclip.config import ConfigError, build_run_config
 from promptclip.engine.evaluate import evaluate
 from promptclip.factory import run_needs
@@ -33,34 +33,32 @@ BACKBONES: dict[str, tuple[str, dict[str, Any]]] = {
     "promptsrc": ("promptsrc", {"depth_text": 2, "depth_vision": 2}),
     "promptkd": ("promptkd", {"depth_vision": 2, "teacher_arch": ""}),
 }
-_CLIP: list[CLIP] = []
+IMAGE_SIZE = arch_config("tiny-vit").vision.image_size
 
 
-def tiny_clip() -> CLIP:
-    if not _CLIP:
-        torch.manual_seed(1234)
-        _CLIP.append(load_clip("tiny-vit", weights="random"))
-    return _CLIP[0]
+@pytest.fixture(scope="module")
+def clip(tiny_clips) -> CLIP:
+    """tiny-vit with the random weights of seed 1234."""
+    return tiny_clips("tiny-vit", 1234)
 
 
 Backbone = str | tuple[str, dict[str, Any]]  # a name in BACKBONES, or (method, method_cfg)
 
 
-def build_dpc(backbone: Backbone, classnames: list[str] = CLASSES, **cfg: Any) -> DPC:
+def build_dpc(clip: CLIP, backbone: Backbone, classnames: list[str] = CLASSES, **cfg: Any) -> DPC:
     method, method_cfg = BACKBONES[backbone] if isinstance(backbone, str) else backbone
-    learner = dpc_builder(method, method_cfg, **cfg)(tiny_clip(), classnames, TEMPLATE)
+    learner = dpc_builder(method, method_cfg, **cfg)(clip, classnames, TEMPLATE)
     assert isinstance(learner, DPC)
     return learner
 
 
-def build_stage1(backbone: Backbone, classnames: list[str] = CLASSES) -> PromptModel:
+def build_stage1(clip: CLIP, backbone: Backbone, classnames: list[str] = CLASSES) -> PromptModel:
     method, method_cfg = BACKBONES[backbone] if isinstance(backbone, str) else backbone
-    return stage1_learner(tiny_clip(), classnames, TEMPLATE, method, method_cfg)
+    return stage1_learner(clip, classnames, TEMPLATE, method, method_cfg)
 
 
 def make_batch(labels: list[int], seed: int = 0) -> dict[str, Any]:
-    size = tiny_clip().image_size
-    images = torch.randn(len(labels), 3, size, size, generator=torch.Generator().manual_seed(seed))
+    images = torch.randn(len(labels), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
     return {"image": images, "label": torch.tensor(labels), "index": torch.arange(len(labels))}
 
 
@@ -86,9 +84,11 @@ def train_steps(learner: PromptModel, steps: int = 2, lr: float = 0.5) -> None:
 
 @pytest.mark.parametrize("weighting", ["reparam", "mixed"])
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_parallel_prompt_starts_as_an_exact_copy_of_every_tensor_at_every_depth(backbone: str, weighting: str) -> None:
-    dpc = build_dpc(backbone, weighting=weighting)
-    stage1 = build_stage1(backbone)
+def test_parallel_prompt_starts_as_an_exact_copy_of_every_tensor_at_every_depth(
+    clip, backbone: str, weighting: str
+) -> None:
+    dpc = build_dpc(clip, backbone, weighting=weighting)
+    stage1 = build_stage1(clip, backbone)
     expected = set(stage1.trainable_parameters())
     assert set(dpc.tuned_names) == expected
     deep = [name for name in expected if ".deep." in name or name.startswith("couplings.1")]
@@ -107,20 +107,20 @@ def test_parallel_prompt_starts_as_an_exact_copy_of_every_tensor_at_every_depth(
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_base_predictions_before_the_first_step_are_stage1s(backbone: str) -> None:
-    dpc = build_dpc(backbone)
-    stage1 = build_stage1(backbone)
+def test_base_predictions_before_the_first_step_are_stage1s(clip, backbone: str) -> None:
+    dpc = build_dpc(clip, backbone)
+    stage1 = build_stage1(clip, backbone)
     batch = make_batch([0, 1, 2, 3, 4])
     assert torch.equal(logits(dpc, batch), logits(stage1, batch))
     assert evaluate(dpc, [batch]).correct == evaluate(stage1, [batch]).correct
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
-def test_new_class_predictions_with_omega_n_zero_are_bitwise_stage1s(backbone: str) -> None:
-    dpc = build_dpc(backbone, omega_b=0.5)
+def test_new_class_predictions_with_omega_n_zero_are_bitwise_stage1s(clip, backbone: str) -> None:
+    dpc = build_dpc(clip, backbone, omega_b=0.5)
     train_steps(dpc)
     batch = make_batch([0, 1, 2])
-    stage1 = build_stage1(backbone, OTHER)
+    stage1 = build_stage1(clip, backbone, OTHER)
     dpc.set_classnames(OTHER)
     dpc.set_eval_subset("new")
     assert torch.equal(logits(dpc, batch), logits(stage1, batch))
@@ -128,8 +128,8 @@ def test_new_class_predictions_with_omega_n_zero_are_bitwise_stage1s(backbone: s
     assert not torch.equal(logits(dpc, batch), logits(stage1, batch)), "P' did not move in training"
 
 
-def test_omega_n_mixes_the_two_prompts_for_new_classes() -> None:
-    dpc = build_dpc("coop", omega_n=1.0)
+def test_omega_n_mixes_the_two_prompts_for_new_classes(clip) -> None:
+    dpc = build_dpc(clip, "coop", omega_n=1.0)
     train_steps(dpc)
     batch = make_batch([0, 1, 2])
     dpc.set_eval_subset("base")
@@ -141,11 +141,11 @@ def test_omega_n_mixes_the_two_prompts_for_new_classes() -> None:
     assert torch.allclose(dpc.new_tensors()["ctx"], stage1 + 0.25 * (tuned - stage1))
 
 
-def test_reparametrisation_divides_the_gradient_by_omega_b() -> None:
+def test_reparametrisation_divides_the_gradient_by_omega_b(clip) -> None:
     batch = make_batch([0, 1, 3])
     grads = {}
     for omega_b in (1.0, 0.25):
-        dpc = build_dpc("coop", omega_b=omega_b)
+        dpc = build_dpc(clip, "coop", omega_b=omega_b)
         dpc.train()
         sum(dpc.loss(batch, dpc(batch)).values()).backward()  # type: ignore[union-attr]
         grads[omega_b] = dpc.tuned["ctx"].grad.clone()
@@ -153,8 +153,8 @@ def test_reparametrisation_divides_the_gradient_by_omega_b() -> None:
     assert torch.allclose(grads[0.25], grads[1.0] / 0.25, rtol=1e-4, atol=1e-7)
 
 
-def test_reparametrised_tuned_prompt_follows_the_official_formula() -> None:
-    dpc = build_dpc("maple", omega_b=0.2)
+def test_reparametrised_tuned_prompt_follows_the_official_formula(clip) -> None:
+    dpc = build_dpc(clip, "maple", omega_b=0.2)
     train_steps(dpc)
     for name in dpc.tuned_names:
         theta, stage1 = dpc.tuned[name.replace(".", "__")], dpc.stage1_tensors()[name]
@@ -162,8 +162,8 @@ def test_reparametrised_tuned_prompt_follows_the_official_formula() -> None:
         assert torch.equal(dpc.base_tensors()[name], dpc.tuned_tensors()[name])
 
 
-def test_mixed_weighting_trains_and_predicts_base_with_the_mixed_prompt() -> None:
-    dpc = build_dpc("maple", weighting="mixed", omega_b=0.3, reparametrize=["text.*"])
+def test_mixed_weighting_trains_and_predicts_base_with_the_mixed_prompt(clip) -> None:
+    dpc = build_dpc(clip, "maple", weighting="mixed", omega_b=0.3, reparametrize=["text.*"])
     train_steps(dpc)
     stage1, tuned, base = dpc.stage1_tensors(), dpc.tuned_tensors(), dpc.base_tensors()
     for name in dpc.tuned_names:
@@ -177,8 +177,8 @@ def test_mixed_weighting_trains_and_predicts_base_with_the_mixed_prompt() -> Non
 # -- the hard-negative optimizer inside DPC --------------------------------------------------------------------
 
 
-def test_negatives_never_include_a_ground_truth_class_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    dpc = build_dpc("coop", top_k=4, min_negatives=2)
+def test_negatives_never_include_a_ground_truth_class_of_the_batch(clip, monkeypatch: pytest.MonkeyPatch) -> None:
+    dpc = build_dpc(clip, "coop", top_k=4, min_negatives=2)
     library = dpc.picture_library()
     seen: list[list[int]] = []
     draw = library.draw
@@ -193,30 +193,30 @@ def test_negatives_never_include_a_ground_truth_class_of_the_batch(monkeypatch: 
         assert len(seen[-1]) == len(set(seen[-1]))
 
 
-def test_the_frozen_stage1_model_ranks_with_class_features_encoded_once() -> None:
-    dpc = build_dpc("maple")
+def test_the_frozen_stage1_model_ranks_with_class_features_encoded_once(clip) -> None:
+    dpc = build_dpc(clip, "maple")
     batch = make_batch([0, 1, 2])
     before = dpc.stage1_scores(batch["image"])
     features = dpc.stage1_class_features()
     train_steps(dpc, steps=3)
     assert dpc.stage1_class_features() is features
     assert torch.equal(dpc.stage1_scores(batch["image"]), before)
-    stage1 = build_stage1("maple")
+    stage1 = build_stage1(clip, "maple")
     with torch.no_grad():
         expected = stage1.image_features(batch["image"]) @ stage1.encode_classnames(CLASSES).t()
     assert torch.allclose(before, expected, atol=1e-6)
 
 
-def test_backbone_losses_can_run_beside_the_contrastive_loss() -> None:
-    dpc = build_dpc("promptsrc", backbone_loss_weight=0.5)
+def test_backbone_losses_can_run_beside_the_contrastive_loss(clip) -> None:
+    dpc = build_dpc(clip, "promptsrc", backbone_loss_weight=0.5)
     batch = make_batch([0, 1, 2])
     dpc.train()
     terms = dpc.loss(batch, dpc(batch))
     assert {"dpc", "stage1_ce", "stage1_scl_text"} <= set(terms)
 
 
-def test_the_full_library_needs_the_full_training_split() -> None:
-    dpc = build_dpc("coop", library="full")
+def test_the_full_library_needs_the_full_training_split(clip) -> None:
+    dpc = build_dpc(clip, "coop", library="full")
     batch = make_batch([0, 1])
     dpc.train()
     with pytest.raises(RuntimeError, match="full_splits"):
@@ -228,18 +228,18 @@ def test_the_full_library_needs_the_full_training_split() -> None:
 # -- configuration, saving, stage-1 loading --------------------------------------------------------------------
 
 
-def test_bad_configurations_are_refused() -> None:
+def test_bad_configurations_are_refused(clip) -> None:
     with pytest.raises(ConfigError, match="omega_b"):
-        build_dpc("coop", omega_b=0.0)
+        build_dpc(clip, "coop", omega_b=0.0)
     with pytest.raises(ConfigError, match="also_tune"):
-        build_dpc("promptkd", also_tune=["teacher.text.*"])  # a zero-shot teacher has no prompts
-    cocoop = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "cocoop", {})
+        build_dpc(clip, "promptkd", also_tune=["teacher.text.*"])  # a zero-shot teacher has no prompts
+    cocoop = stage1_learner(clip, CLASSES, TEMPLATE, "cocoop", {})
     with pytest.raises(ValueError, match="per-image"):
         DPC(cocoop, DPCConfig())
 
 
-def test_eval_subset_is_explicit_and_reaches_through_other_plugins() -> None:
-    dpc = build_dpc("coop")
+def test_eval_subset_is_explicit_and_reaches_through_other_plugins(clip) -> None:
+    dpc = build_dpc(clip, "coop")
     assert dpc.eval_subset == "base"
     outer = PluginModel(dpc, DPCConfig())
     outer.set_eval_subset("new")
@@ -248,25 +248,25 @@ def test_eval_subset_is_explicit_and_reaches_through_other_plugins() -> None:
         dpc.set_eval_subset("novel")  # type: ignore[arg-type]
 
 
-def test_saved_prompt_holds_stage1_and_predicts_without_the_stage1_folder(tmp_path: Path) -> None:
-    dpc = build_dpc("promptkd", omega_b=0.5)
+def test_saved_prompt_holds_stage1_and_predicts_without_the_stage1_folder(clip, tmp_path: Path) -> None:
+    dpc = build_dpc(clip, "promptkd", omega_b=0.5)
     train_steps(dpc)
     batch = make_batch([0, 1, 2])
     base = logits(dpc, batch)
     dpc.save_pretrained(tmp_path / "prompt")
     torch.manual_seed(99)
-    loaded = PromptModel.from_pretrained(tiny_clip(), tmp_path / "prompt")
+    loaded = PromptModel.from_pretrained(clip, tmp_path / "prompt")
     assert isinstance(loaded, DPC)
     assert torch.equal(logits(loaded, batch), base)
     loaded.set_classnames(OTHER)
     loaded.set_eval_subset("new")
-    assert torch.equal(logits(loaded, batch), logits(build_stage1("promptkd", OTHER), batch))
+    assert torch.equal(logits(loaded, batch), logits(build_stage1(clip, "promptkd", OTHER), batch))
 
 
-def test_stage1_prompt_is_loaded_from_its_run_folder(tmp_path: Path) -> None:
-    stage1 = build_stage1("maple")
+def test_stage1_prompt_is_loaded_from_its_run_folder(clip, tmp_path: Path) -> None:
+    stage1 = build_stage1(clip, "maple")
     stage1.save_pretrained(tmp_path / "run" / "prompt")
-    fresh = build_stage1("maple")
+    fresh = build_stage1(clip, "maple")
     with torch.no_grad():
         for tensor in fresh.trainable_parameters().values():
             tensor.normal_()
@@ -274,10 +274,10 @@ def test_stage1_prompt_is_loaded_from_its_run_folder(tmp_path: Path) -> None:
     dpc = DPC(fresh, DPCConfig(), context)
     for name, tensor in stage1.trainable_parameters().items():
         assert torch.equal(dpc.tuned_tensors()[name], tensor) and torch.equal(dpc.stage1_tensors()[name], tensor)
-    other = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "maple", {"depth": 1})
+    other = stage1_learner(clip, CLASSES, TEMPLATE, "maple", {"depth": 1})
     with pytest.raises(ConfigError, match="depth"):
         DPC(other, DPCConfig(), context)
-    coop = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "coop", {"n_ctx": 2})
+    coop = stage1_learner(clip, CLASSES, TEMPLATE, "coop", {"n_ctx": 2})
     with pytest.raises(ConfigError, match="maple prompt"):
         DPC(coop, DPCConfig(), context)
     with pytest.raises(ConfigError, match="no stage-1 prompt"):
@@ -431,27 +431,27 @@ def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() ->
         assert stage1 is not None and stage1.config.method == cfg.method_name, name
 
 
-def test_promptkd_text_branch_of_the_official_trainer(tmp_path: Path) -> None:
+def test_promptkd_text_branch_of_the_official_trainer(clip, tmp_path: Path) -> None:
     """The teacher's text prompts tuned too (also_tune), weighted alone (reparametrize), as the official
     PromptKD+DPC; new classes still get stage 1's predictions exactly."""
-    teacher = stage1_learner(tiny_clip(), CLASSES, TEMPLATE, "promptsrc", {"depth_text": 2, "depth_vision": 2})
+    teacher = stage1_learner(clip, CLASSES, TEMPLATE, "promptsrc", {"depth_text": 2, "depth_vision": 2})
     teacher.save_pretrained(tmp_path / "teacher")
     kd_cfg = {"depth_vision": 2, "teacher_arch": "", "teacher_prompt": str(tmp_path / "teacher")}
     kd: Backbone = ("promptkd", kd_cfg)
-    dpc = build_dpc(kd, also_tune=["teacher.text.*"], reparametrize=["teacher.text.ctx"])
+    dpc = build_dpc(clip, kd, also_tune=["teacher.text.*"], reparametrize=["teacher.text.ctx"])
     assert {"teacher.text.ctx", "teacher.text.deep.1"} <= set(dpc.tuned_names)
     assert not any(n.startswith("teacher.vision") for n in dpc.tuned_names)
     batch = make_batch([0, 1, 2])
-    assert torch.equal(logits(dpc, batch), logits(build_stage1(kd), batch))
+    assert torch.equal(logits(dpc, batch), logits(build_stage1(clip, kd), batch))
     dpc.train()
     sum(dpc.loss(batch, dpc(batch)).values()).backward()  # type: ignore[union-attr]
     assert dpc.tuned["teacher__text__deep__1"].grad.abs().sum() > 0
     train_steps(dpc)
     dpc.set_classnames(OTHER)
     dpc.set_eval_subset("new")
-    assert torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
+    assert torch.equal(logits(dpc, batch), logits(build_stage1(clip, kd, OTHER), batch))
     dpc.set_eval_subset("base")
-    assert not torch.equal(logits(dpc, batch), logits(build_stage1(kd, OTHER), batch))
+    assert not torch.equal(logits(dpc, batch), logits(build_stage1(clip, kd, OTHER), batch))
 
 
 def test_a_transductive_stage1_sees_all_classes_while_dpc_trains_on_labelled_base_images(tmp_path: Path) -> None:

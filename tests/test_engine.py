@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from promptclip.clip.weights import load_clip
 from promptclip.config import OptimConfig
 from promptclip.engine.checkpoint import (
     capture_rng_state,
@@ -28,12 +27,6 @@ from promptclip.methods.base import LearnerOutput, PromptModel
 from promptclip.methods.coop import CoOp, CoOpConfig
 
 CLASSES = ["circle", "square", "star"]
-
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return load_clip("tiny-vit", weights="random")
 
 
 def make_coop(clip, seed: int = 0) -> CoOp:
@@ -146,16 +139,16 @@ def test_optimizer_is_sgd_with_the_fields_defaults() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_gradient_accumulation_equals_the_large_batch(clip) -> None:
-    batches = make_batches(clip, 3, 4)
+def test_gradient_accumulation_equals_the_large_batch(tiny_clip) -> None:
+    batches = make_batches(tiny_clip, 3, 4)
     # Reference: batches 1+2 as one batch of 8, then batch 3 alone: two optimiser steps.
-    big = make_coop(clip)
+    big = make_coop(tiny_clip)
     Trainer(big, [merge(batches[:2]), batches[2]], optim_cfg(), progress=False).fit()
     # Accumulating two micro-batches per step; the last, partial group has one micro-batch.
-    accumulated = make_coop(clip)
+    accumulated = make_coop(tiny_clip)
     result = Trainer(accumulated, batches, optim_cfg(grad_accum=2), progress=False).fit()
     assert result.steps == 2
-    start = make_coop(clip).ctx.detach()
+    start = make_coop(tiny_clip).ctx.detach()
     update_big, update_accumulated = big.ctx.detach() - start, accumulated.ctx.detach() - start
     scale = update_big.abs().max()
     assert scale > 1e-3
@@ -165,11 +158,11 @@ def test_gradient_accumulation_equals_the_large_batch(clip) -> None:
     assert (update_accumulated - update_big).abs().max() < 0.01 * scale
 
 
-def test_only_trainable_tensors_change_and_the_backbone_is_bitwise_unchanged(clip) -> None:
-    learner = make_coop(clip)
+def test_only_trainable_tensors_change_and_the_backbone_is_bitwise_unchanged(tiny_clip) -> None:
+    learner = make_coop(tiny_clip)
     backbone = {k: v.clone() for k, v in learner.clip.state_dict().items()}
     ctx_before = learner.ctx.detach().clone()
-    trainer = Trainer(learner, make_batches(clip, 2, 4), optim_cfg(), progress=False)
+    trainer = Trainer(learner, make_batches(tiny_clip, 2, 4), optim_cfg(), progress=False)
     assert [id(p) for g in trainer.optimizer.param_groups for p in g["params"]] == [id(learner.ctx)]
     trainer.fit()
     assert not torch.equal(learner.ctx, ctx_before)
@@ -189,14 +182,14 @@ class RecordsEpochs(CoOp):
         self.events.append(("end", epoch, epochs))
 
 
-def test_epoch_hooks_run_around_every_epoch_also_after_a_resume(clip, tmp_path: Path) -> None:
-    learner = RecordsEpochs(clip, CLASSES, CoOpConfig(n_ctx=4))
+def test_epoch_hooks_run_around_every_epoch_also_after_a_resume(tiny_clip, tmp_path: Path) -> None:
+    learner = RecordsEpochs(tiny_clip, CLASSES, CoOpConfig(n_ctx=4))
     cfg = optim_cfg(epochs=3)
     with pytest.raises(Interrupt):
-        Trainer(learner, make_batches(clip, 1, 4), cfg, run_dir=tmp_path, callbacks=[stop_after(1)]).fit()
+        Trainer(learner, make_batches(tiny_clip, 1, 4), cfg, run_dir=tmp_path, callbacks=[stop_after(1)]).fit()
     assert learner.events == [("start", 0, 3), ("end", 0, 3)]
     learner.events.clear()
-    Trainer(learner, make_batches(clip, 1, 4), cfg, run_dir=tmp_path).fit(resume=True)
+    Trainer(learner, make_batches(tiny_clip, 1, 4), cfg, run_dir=tmp_path).fit(resume=True)
     assert learner.events == [("start", 1, 3), ("end", 1, 3), ("start", 2, 3), ("end", 2, 3)]
 
 
@@ -221,9 +214,9 @@ class NaNOnEpochLoader:
             yield batch
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clip, tmp_path: Path) -> None:
-    learner = make_coop(clip)
-    loader = NaNOnEpochLoader(make_batches(clip, 3, 4), bad_epoch=1, bad_batch=1)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_clip, tmp_path: Path) -> None:
+    learner = make_coop(tiny_clip)
+    loader = NaNOnEpochLoader(make_batches(tiny_clip, 3, 4), bad_epoch=1, bad_batch=1)
     trainer = Trainer(learner, loader, optim_cfg(epochs=3), run_dir=tmp_path, progress=False)
     after_first_epoch: list[torch.Tensor] = []
     trainer.callbacks.append(lambda epoch, t: after_first_epoch.append(context(t.learner).clone()))
@@ -278,13 +271,13 @@ def seeded_loader(clip) -> Any:
     return build_loader(splits, "train", batch_size=6, image_size=clip.image_size, seed=5)
 
 
-def test_resume_after_an_interruption_matches_an_uninterrupted_run_bitwise(clip, tmp_path: Path) -> None:
+def test_resume_after_an_interruption_matches_an_uninterrupted_run_bitwise(tiny_clip, tmp_path: Path) -> None:
     cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
 
     def run(run_dir: Path, resume: bool, callbacks=()) -> Trainer:
         seed_everything(1)
-        learner = CoOp(clip, [f"class {i}" for i in range(10)], CoOpConfig(n_ctx=4))
-        trainer = Trainer(learner, seeded_loader(clip), cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
+        learner = CoOp(tiny_clip, [f"class {i}" for i in range(10)], CoOpConfig(n_ctx=4))
+        trainer = Trainer(learner, seeded_loader(tiny_clip), cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
         trainer.fit(resume=resume)
         return trainer
 
@@ -303,10 +296,14 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run_bitwise(clip,
     assert len(lines) == 3  # one line per epoch, none duplicated by the resume
 
 
-def test_resume_refuses_a_checkpoint_of_another_configuration(clip, tmp_path: Path) -> None:
-    first = Trainer(make_coop(clip), make_batches(clip, 1, 4), optim_cfg(), run_dir=tmp_path, fingerprint="a" * 64)
+def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_clip, tmp_path: Path) -> None:
+    first = Trainer(
+        make_coop(tiny_clip), make_batches(tiny_clip, 1, 4), optim_cfg(), run_dir=tmp_path, fingerprint="a" * 64
+    )
     first.fit()
-    other = Trainer(make_coop(clip), make_batches(clip, 1, 4), optim_cfg(), run_dir=tmp_path, fingerprint="b" * 64)
+    other = Trainer(
+        make_coop(tiny_clip), make_batches(tiny_clip, 1, 4), optim_cfg(), run_dir=tmp_path, fingerprint="b" * 64
+    )
     with pytest.raises(ValueError, match="another configuration"):
         other.fit(resume=True)
 
@@ -328,8 +325,8 @@ class FixedLogits(PromptModel):
         return LearnerOutput(batch["logits"], batch["logits"], batch["logits"])
 
 
-def test_evaluate_returns_exact_per_class_counts(clip) -> None:
-    learner = FixedLogits(clip, ["a", "b", "c"])
+def test_evaluate_returns_exact_per_class_counts(tiny_clip) -> None:
+    learner = FixedLogits(tiny_clip, ["a", "b", "c"])
     eye = torch.eye(3)
     # predictions: 0, 0, 1, 2, 2, 2 ; labels: 0, 1, 1, 2, 2, 0
     batches = [
@@ -343,8 +340,8 @@ def test_evaluate_returns_exact_per_class_counts(clip) -> None:
     assert EvalCounts.from_dict(counts.to_dict()) == counts
 
 
-def test_evaluate_is_micro_over_imbalanced_classes_and_checks_labels(clip) -> None:
-    learner = FixedLogits(clip, ["a", "b"])
+def test_evaluate_is_micro_over_imbalanced_classes_and_checks_labels(tiny_clip) -> None:
+    learner = FixedLogits(tiny_clip, ["a", "b"])
     batch = {"logits": torch.eye(2)[[0, 0, 0, 1]], "label": torch.tensor([0, 0, 0, 0])}
     counts = evaluate(learner, [batch], device="cpu")
     assert (counts.accuracy, counts.macro_accuracy) == (75.0, 75.0)
@@ -353,8 +350,8 @@ def test_evaluate_is_micro_over_imbalanced_classes_and_checks_labels(clip) -> No
         evaluate(learner, [{"logits": torch.eye(2), "label": torch.tensor([0, 2])}], device="cpu")
 
 
-def test_evaluate_encodes_the_class_texts_once(clip) -> None:
-    learner = make_coop(clip)
+def test_evaluate_encodes_the_class_texts_once(tiny_clip) -> None:
+    learner = make_coop(tiny_clip)
     calls: list[int] = []
     original = learner.compute_text_features
 
@@ -363,7 +360,7 @@ def test_evaluate_encodes_the_class_texts_once(clip) -> None:
         return original()
 
     learner.compute_text_features = counted  # type: ignore[method-assign]
-    batches = make_batches(clip, 4, 3)
+    batches = make_batches(tiny_clip, 4, 3)
     counts = evaluate(learner, batches, device="cpu")
     assert len(calls) == 1
     assert counts.num_samples == 12
@@ -373,7 +370,7 @@ def test_evaluate_encodes_the_class_texts_once(clip) -> None:
     assert counts_new.classnames == ["one", "two", "three"]
 
 
-def test_resume_restores_a_learners_training_state_bitwise(clip, tmp_path: Path) -> None:
+def test_resume_restores_a_learners_training_state_bitwise(tiny_clip, tmp_path: Path) -> None:
     """PromptSRC's Gaussian prompt aggregation keeps a running sum across epochs; the checkpoint carries it, so
     a resumed run ends with exactly the aggregate of an uninterrupted one."""
     from promptclip.methods.promptsrc import PromptSRC, PromptSRCConfig
@@ -383,8 +380,8 @@ def test_resume_restores_a_learners_training_state_bitwise(clip, tmp_path: Path)
 
     def run(run_dir: Path, resume: bool, callbacks=()) -> Trainer:
         seed_everything(1)
-        learner = PromptSRC(clip, [f"class {i}" for i in range(10)], method_cfg)
-        trainer = Trainer(learner, seeded_loader(clip), cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
+        learner = PromptSRC(tiny_clip, [f"class {i}" for i in range(10)], method_cfg)
+        trainer = Trainer(learner, seeded_loader(tiny_clip), cfg, run_dir=run_dir, progress=False, callbacks=callbacks)
         trainer.fit(resume=resume)
         return trainer
 

@@ -25,7 +25,6 @@ import torch
 from safetensors.torch import load_file
 
 import promptclip.io as io_module
-from promptclip.clip.weights import load_clip
 from promptclip.config import OptimConfig
 from promptclip.engine.checkpoint import (
     FOOTER_SIZE,
@@ -152,12 +151,6 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_numbers(fault: str, strai
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return load_clip("tiny-vit", weights="random")
-
-
 def seeded_loader(clip) -> Any:
     from promptclip.data.datasets import build_dataset
     from promptclip.data.loader import build_loader
@@ -196,12 +189,12 @@ def flip_byte_in_the_middle(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_damaged_last_checkpoint_is_refused_and_the_previous_one_resumes_bitwise(clip, tmp_path: Path) -> None:
-    straight = trainer_for(clip, tmp_path / "straight")
+def test_a_damaged_last_checkpoint_is_refused_and_the_previous_one_resumes_bitwise(tiny_clip, tmp_path: Path) -> None:
+    straight = trainer_for(tiny_clip, tmp_path / "straight")
     straight.fit()
     cut = tmp_path / "cut"
     with pytest.raises(Interrupt):
-        trainer_for(clip, cut, callbacks=[stop_after(2)]).fit()
+        trainer_for(tiny_clip, cut, callbacks=[stop_after(2)]).fit()
     last, previous = checkpoint_path(cut), previous_checkpoint_path(checkpoint_path(cut))
     assert (load_checkpoint(last).epoch, load_checkpoint(previous).epoch) == (2, 1)
 
@@ -216,7 +209,7 @@ def test_a_damaged_last_checkpoint_is_refused_and_the_previous_one_resumes_bitwi
             assert load_checkpoint(previous).epoch == 1
 
     messages: list[str] = []
-    resumed = trainer_for(clip, cut, callbacks=[previous_stays_the_good_one], messages=messages)
+    resumed = trainer_for(tiny_clip, cut, callbacks=[previous_stays_the_good_one], messages=messages)
     result = resumed.fit(resume=True)
     assert result.resumed_from_epoch == 1
     assert any(f"resuming from the previous checkpoint instead: {previous} (epoch 1)" in m for m in messages)
@@ -243,16 +236,16 @@ def draw_from_every_generator(learner: CoOp) -> None:
     learner.loss = loss  # type: ignore[method-assign]
 
 
-def test_a_resumed_run_continues_every_random_generator(clip, tmp_path: Path) -> None:
-    straight = trainer_for(clip, tmp_path / "straight")
+def test_a_resumed_run_continues_every_random_generator(tiny_clip, tmp_path: Path) -> None:
+    straight = trainer_for(tiny_clip, tmp_path / "straight")
     draw_from_every_generator(straight.learner)
     straight.fit()
-    interrupted = trainer_for(clip, tmp_path / "cut", callbacks=[stop_after(1)])
+    interrupted = trainer_for(tiny_clip, tmp_path / "cut", callbacks=[stop_after(1)])
     draw_from_every_generator(interrupted.learner)
     with pytest.raises(Interrupt):
         interrupted.fit()
     seed_everything(12345)  # a new process starts with other generator states
-    resumed = trainer_for(clip, tmp_path / "cut")
+    resumed = trainer_for(tiny_clip, tmp_path / "cut")
     draw_from_every_generator(resumed.learner)
     seed_everything(999)
     resumed.fit(resume=True)
@@ -260,8 +253,8 @@ def test_a_resumed_run_continues_every_random_generator(clip, tmp_path: Path) ->
     assert epoch_lines(tmp_path / "cut") == epoch_lines(tmp_path / "straight")
 
 
-def test_a_truncated_checkpoint_is_refused_with_its_name_and_the_fix(clip, tmp_path: Path) -> None:
-    trainer_for(clip, tmp_path).fit()
+def test_a_truncated_checkpoint_is_refused_with_its_name_and_the_fix(tiny_clip, tmp_path: Path) -> None:
+    trainer_for(tiny_clip, tmp_path).fit()
     last = checkpoint_path(tmp_path)
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"{last}: cannot be read.*delete it"):
@@ -272,24 +265,24 @@ def test_a_truncated_checkpoint_is_refused_with_its_name_and_the_fix(clip, tmp_p
         load_resume_checkpoint(last)
 
 
-def test_a_fresh_start_discards_an_earlier_attempts_previous_checkpoint(clip, tmp_path: Path) -> None:
-    trainer_for(clip, tmp_path).fit()
+def test_a_fresh_start_discards_an_earlier_attempts_previous_checkpoint(tiny_clip, tmp_path: Path) -> None:
+    trainer_for(tiny_clip, tmp_path).fit()
     previous = previous_checkpoint_path(checkpoint_path(tmp_path))
     assert load_checkpoint(previous).epoch == 2
     with pytest.raises(Interrupt):
-        trainer_for(clip, tmp_path, callbacks=[stop_after(1)]).fit(resume=False)
+        trainer_for(tiny_clip, tmp_path, callbacks=[stop_after(1)]).fit(resume=False)
     # After one epoch of the new attempt there is no previous.pt of the old attempt to fall back to.
     assert not previous.exists() and load_checkpoint(checkpoint_path(tmp_path)).epoch == 1
 
 
-def test_a_torn_metrics_line_is_left_out_and_dropped_on_resume(clip, tmp_path: Path) -> None:
+def test_a_torn_metrics_line_is_left_out_and_dropped_on_resume(tiny_clip, tmp_path: Path) -> None:
     with pytest.raises(Interrupt):
-        trainer_for(clip, tmp_path, callbacks=[stop_after(1)]).fit()
+        trainer_for(tiny_clip, tmp_path, callbacks=[stop_after(1)]).fit()
     metrics = tmp_path / "metrics.jsonl"
     with open(metrics, "a", encoding="utf-8") as handle:
         handle.write('{"epoch": 2, "lr": 0.0')  # a kill in the middle of the append
     assert [r["epoch"] for r in MetricsFile(metrics).read()] == [1]
-    trainer_for(clip, tmp_path).fit(resume=True)
+    trainer_for(tiny_clip, tmp_path).fit(resume=True)
     assert [r["epoch"] for r in MetricsFile(metrics).read()] == [1, 2, 3]
     assert all(json.loads(line) for line in metrics.read_text().splitlines())
 
@@ -344,7 +337,7 @@ def test_a_full_disk_leaves_the_previous_file_and_says_where(tmp_path: Path) -> 
 
 
 def test_a_full_disk_during_a_checkpoint_stops_training_and_keeps_the_last_good_one(
-    clip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def fill_disk_after(count: int):
         def callback(epoch: int, trainer: Trainer) -> None:
@@ -363,7 +356,7 @@ def test_a_full_disk_during_a_checkpoint_stops_training_and_keeps_the_last_good_
 
     last = checkpoint_path(tmp_path)
     with pytest.raises(DiskFullError, match=rf"the disk is full: writing {last} failed"):
-        trainer_for(clip, tmp_path, callbacks=[fill_disk_after(1)]).fit()
+        trainer_for(tiny_clip, tmp_path, callbacks=[fill_disk_after(1)]).fit()
     monkeypatch.setattr(io_module, "atomic_path", real)
     assert load_checkpoint(last).epoch == 1  # checksum intact, epoch 2 not half-written over it
     assert temporaries(tmp_path) == []
@@ -393,8 +386,10 @@ def test_a_full_disk_at_the_results_is_reported_by_the_cli_and_resume_finishes(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_a_nan_loss_stops_with_the_step_and_batch_named_and_keeps_the_last_checkpoint(clip, tmp_path: Path) -> None:
-    trainer = trainer_for(clip, tmp_path)
+def test_a_nan_loss_stops_with_the_step_and_batch_named_and_keeps_the_last_checkpoint(
+    tiny_clip, tmp_path: Path
+) -> None:
+    trainer = trainer_for(tiny_clip, tmp_path)
     learner = trainer.learner
     real_loss = learner.loss
     calls = {"count": 0}

@@ -19,14 +19,6 @@ NAMES = ["cat", "dog", "car"]
 PATCH = 8  # tiny-vit: 32 px, 8 px patches, a 4 x 4 grid
 
 
-def tiny_clip(seed: int = 0, positional: bool = True) -> CLIP:
-    torch.manual_seed(seed)
-    clip = load_clip("tiny-vit", weights="random")
-    if not positional:  # without positions the patch tokens are a set: moving a patch moves its CAM cell
-        clip.visual.positional_embedding.data.zero_()
-    return clip
-
-
 def zero_shot(clip: CLIP) -> PromptModel:
     return get_prompt_model(clip, {"method": "zeroshot"}, NAMES)
 
@@ -39,8 +31,10 @@ def object_image(row: int, col: int) -> torch.Tensor:
     return image
 
 
-def test_the_cam_moves_with_the_object() -> None:
-    learner = zero_shot(tiny_clip(positional=False))
+def test_the_cam_moves_with_the_object(fresh_tiny_clip: CLIP) -> None:
+    # Without positions the patch tokens are a set: moving a patch moves its CAM cell.
+    fresh_tiny_clip.visual.positional_embedding.data.zero_()
+    learner = zero_shot(fresh_tiny_clip)
     label = torch.tensor([1])
     cam, _ = gradcam_grid(learner, object_image(1, 1), label)
     moved, _ = gradcam_grid(learner, object_image(2, 2), label)
@@ -55,8 +49,8 @@ def test_the_cam_moves_with_the_object() -> None:
     assert torch.equal(moved_mask[..., PATCH:, PATCH:], mask[..., :-PATCH, :-PATCH])
 
 
-def test_heat_is_normalised_per_image_and_masks_are_binary() -> None:
-    learner = zero_shot(tiny_clip())
+def test_heat_is_normalised_per_image_and_masks_are_binary(tiny_clips) -> None:
+    learner = zero_shot(tiny_clips.seeded())
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     images[1] *= 5  # a much stronger map must not flatten the others (the official code divides by the batch max)
     heat = gradcam(learner, images, torch.tensor([0, 1, 2]))
@@ -68,8 +62,8 @@ def test_heat_is_normalised_per_image_and_masks_are_binary() -> None:
     assert torch.equal(masks, (heat >= 0.5).float())
 
 
-def test_the_score_is_the_given_class_and_defaults_to_the_prediction() -> None:
-    learner = zero_shot(tiny_clip())
+def test_the_score_is_the_given_class_and_defaults_to_the_prediction(tiny_clips) -> None:
+    learner = zero_shot(tiny_clips.seeded())
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         predicted = learner({"image": images}).logits.argmax(dim=-1)
@@ -79,8 +73,8 @@ def test_the_score_is_the_given_class_and_defaults_to_the_prediction() -> None:
     assert not torch.allclose(by_class[0], by_class[1]), "the heat map must depend on the class scored"
 
 
-def test_gradcam_leaves_no_gradients_hooks_or_mode_changes() -> None:
-    clip = tiny_clip()
+def test_gradcam_leaves_no_gradients_hooks_or_mode_changes(tiny_clips) -> None:
+    clip = tiny_clips.seeded()
     learner = get_prompt_model(clip, {"method": "maple", "depth": 2}, NAMES)
     learner.train()
     layer = gradcam_layer(clip)
@@ -90,16 +84,15 @@ def test_gradcam_leaves_no_gradients_hooks_or_mode_changes() -> None:
     assert not layer._forward_hooks
 
 
-def test_visual_prompt_tokens_are_left_out_of_the_map() -> None:
+def test_visual_prompt_tokens_are_left_out_of_the_map(tiny_clips) -> None:
     # MaPLe appends prompt tokens after the patches: the grid must still be the 4 x 4 patches.
-    learner = get_prompt_model(tiny_clip(), {"method": "maple", "depth": 2}, NAMES)
+    learner = get_prompt_model(tiny_clips.seeded(), {"method": "maple", "depth": 2}, NAMES)
     cam, _ = gradcam_grid(learner, torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
     assert cam.shape == (2, 4, 4)
 
 
-def test_a_resnet_image_tower_is_refused() -> None:
-    torch.manual_seed(0)
-    clip = load_clip("tiny-rn", weights="random")
+def test_a_resnet_image_tower_is_refused(tiny_clips) -> None:
+    clip = tiny_clips.seeded("tiny-rn")
     with pytest.raises(ValueError, match="ViT"):
         gradcam(zero_shot(clip), torch.randn(1, 3, clip.image_size, clip.image_size))
 
@@ -108,9 +101,9 @@ def test_a_resnet_image_tower_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def clip_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clip_file(tiny_clips, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "tiny.safetensors"
-    save_clip(tiny_clip(), path)
+    save_clip(tiny_clips.seeded(), path)
     return path
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.model import CLIP
 from promptclip.clip.tokenizer import get_tokenizer, tokenize
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.methods.ivlp import IVLP, DeepLanguagePrompting, VPTDeep, convert_official_state
@@ -19,18 +19,10 @@ NAMES = ["cat", "red_sports_car", "tree"]
 LAYERS = 3
 
 
-def make_clip(seed: int = 0, layers: int = LAYERS, resnet: bool = False) -> CLIP:
-    vision: dict[str, Any] = {"image_size": 32, "width": 48, "layers": layers, "heads": 2, "patch_size": 8}
-    if resnet:
-        vision = {"image_size": 64, "width": 16, "resnet_layers": [1, 1, 1, 1]}
-    arch = {
-        "name": "tiny-two-width",
-        "embed_dim": 24,
-        "vision": vision,
-        "text": {"width": 32, "heads": 2, "layers": layers},
-    }
-    torch.manual_seed(seed)
-    return CLIP(ArchConfig.from_dict(arch))
+@pytest.fixture
+def clip(tiny_clips) -> CLIP:
+    """The two-width tiny CLIP (text 32, vision 48) with LAYERS blocks per tower, random weights of seed 0."""
+    return tiny_clips.seeded(tiny_clips.two_width(LAYERS))
 
 
 def batch(clip: CLIP, size: int = 2) -> dict[str, torch.Tensor]:
@@ -46,8 +38,7 @@ def capture_layer_inputs(blocks: torch.nn.ModuleList) -> tuple[list[torch.Tensor
     return inputs, handles
 
 
-def test_parameters_are_named_per_tower_and_depth() -> None:
-    clip = make_clip()
+def test_parameters_are_named_per_tower_and_depth(clip) -> None:
     learner = get_prompt_model(
         clip, {"method": "ivlp", "n_ctx_text": 2, "depth_text": 3, "n_ctx_vision": 5, "depth_vision": 2}, NAMES
     )
@@ -61,8 +52,7 @@ def test_parameters_are_named_per_tower_and_depth() -> None:
     }
 
 
-def test_text_context_takes_the_first_tokens_of_ctx_init_and_keeps_the_rest_as_words() -> None:
-    clip = make_clip()
+def test_text_context_takes_the_first_tokens_of_ctx_init_and_keeps_the_rest_as_words(clip) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "n_ctx_text": 2, "depth_text": 1, "depth_vision": 1}, NAMES)
     ids = get_tokenizer().encode("a photo of a")
     embedding = clip.token_embedding.weight
@@ -72,8 +62,7 @@ def test_text_context_takes_the_first_tokens_of_ctx_init_and_keeps_the_rest_as_w
     assert torch.equal(parts.suffix[:, :2], embedding[ids[2:]].expand(len(NAMES), -1, -1))
 
 
-def test_prompts_enter_every_prompted_layer_of_both_towers() -> None:
-    clip = make_clip()
+def test_prompts_enter_every_prompted_layer_of_both_towers(clip) -> None:
     learner = get_prompt_model(
         clip, {"method": "ivlp", "n_ctx_text": 2, "depth_text": 2, "n_ctx_vision": 3, "depth_vision": 2}, NAMES
     )
@@ -96,8 +85,7 @@ def test_prompts_enter_every_prompted_layer_of_both_towers() -> None:
     assert vision_inputs[0].shape[1] == 1 + (32 // 8) ** 2 + 3
 
 
-def test_gradients_reach_every_prompt_and_nothing_frozen() -> None:
-    clip = make_clip()
+def test_gradients_reach_every_prompt_and_nothing_frozen(clip) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "depth_text": 3, "depth_vision": 3}, NAMES)
     learner.train()
     data = batch(clip)
@@ -109,8 +97,7 @@ def test_gradients_reach_every_prompt_and_nothing_frozen() -> None:
     assert all(p.grad is None for p in clip.parameters())
 
 
-def test_vpt_has_a_frozen_text_side_encoded_once_and_prompted_images() -> None:
-    clip = make_clip()
+def test_vpt_has_a_frozen_text_side_encoded_once_and_prompted_images(clip) -> None:
     learner = get_prompt_model(clip, {"method": "vpt", "n_ctx": 4, "depth": 3}, NAMES, template="{} texture.")
     assert isinstance(learner, VPTDeep)
     assert sorted(learner.trainable_parameters()) == ["vision.ctx", "vision.deep.1", "vision.deep.2"]
@@ -132,8 +119,7 @@ def test_vpt_has_a_frozen_text_side_encoded_once_and_prompted_images() -> None:
     assert not torch.allclose(dataset_template.text_features(), text, atol=1e-4)
 
 
-def test_deep_language_prompting_leaves_the_image_tower_frozen() -> None:
-    clip = make_clip()
+def test_deep_language_prompting_leaves_the_image_tower_frozen(clip) -> None:
     learner = get_prompt_model(clip, {"method": "deep_lang", "n_ctx": 4, "depth": 3}, NAMES)
     assert isinstance(learner, DeepLanguagePrompting) and not learner.has_visual_prompts
     assert sorted(learner.trainable_parameters()) == ["text.ctx", "text.deep.1", "text.deep.2"]
@@ -143,8 +129,7 @@ def test_deep_language_prompting_leaves_the_image_tower_frozen() -> None:
     assert torch.equal(learner.image_features(images), plain)
 
 
-def test_encode_classnames_applies_the_learned_prompts_to_any_names() -> None:
-    clip = make_clip()
+def test_encode_classnames_applies_the_learned_prompts_to_any_names(clip) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "depth_text": 3, "depth_vision": 3}, NAMES)
     change = torch.randn(learner.text.deep["2"].shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -156,8 +141,7 @@ def test_encode_classnames_applies_the_learned_prompts_to_any_names() -> None:
         assert not torch.allclose(learner.encode_classnames(["house", "blue whale"]), others, atol=1e-4)
 
 
-def test_sentences_get_the_deep_prompts_but_keep_their_own_first_layer() -> None:
-    clip = make_clip()
+def test_sentences_get_the_deep_prompts_but_keep_their_own_first_layer(clip) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "depth_text": 2, "depth_vision": 1}, NAMES)
     sentences = ["a clean origami sky.", "a clean origami road."]
     tokens = tokenize(sentences)
@@ -172,8 +156,7 @@ def test_sentences_get_the_deep_prompts_but_keep_their_own_first_layer() -> None
 
 
 @pytest.mark.parametrize("method", ["ivlp", "vpt", "deep_lang"])
-def test_functional_call_with_substituted_prompts_equals_setting_them(method: str) -> None:
-    clip = make_clip()
+def test_functional_call_with_substituted_prompts_equals_setting_them(clip, method: str) -> None:
     cfg = {"ivlp": {"depth_text": 3, "depth_vision": 3}, "vpt": {"depth": 3}, "deep_lang": {"depth": 3}}[method]
     learner = get_prompt_model(clip, {"method": method, **cfg}, NAMES)
     generator = torch.Generator().manual_seed(3)
@@ -192,8 +175,7 @@ def test_functional_call_with_substituted_prompts_equals_setting_them(method: st
     assert not torch.allclose(substituted, learner(data).logits, atol=1e-4)
 
 
-def test_save_and_load_keeps_every_prompt(tmp_path: Any) -> None:
-    clip = make_clip()
+def test_save_and_load_keeps_every_prompt(clip, tmp_path: Any) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "depth_text": 3, "depth_vision": 2}, NAMES)
     with torch.no_grad():
         for param in learner.trainable_parameters().values():
@@ -214,22 +196,22 @@ def test_save_and_load_keeps_every_prompt(tmp_path: Any) -> None:
         ({"n_ctx_text": 6, "depth_text": 1, "depth_vision": 1}, "has 4 tokens"),
     ],
 )
-def test_bad_layouts_are_refused_with_the_fix(cfg: dict[str, Any], message: str) -> None:
+def test_bad_layouts_are_refused_with_the_fix(clip, cfg: dict[str, Any], message: str) -> None:
     full = {"method": "ivlp", "depth_text": 3, "depth_vision": 3, **cfg}
     with pytest.raises(ValueError, match=message):
-        get_prompt_model(make_clip(), full, NAMES)
+        get_prompt_model(clip, full, NAMES)
 
 
-def test_vision_prompts_on_a_resnet_are_refused() -> None:
-    clip = make_clip(resnet=True)
+def test_vision_prompts_on_a_resnet_are_refused(tiny_clips) -> None:
+    resnet_tower = {"image_size": 64, "width": 16, "resnet_layers": [1, 1, 1, 1]}
+    clip = tiny_clips.seeded({**tiny_clips.two_width(LAYERS), "vision": resnet_tower})
     with pytest.raises(ValueError, match="ViT"):
         get_prompt_model(clip, {"method": "vpt", "depth": 1}, NAMES)
     learner = get_prompt_model(clip, {"method": "deep_lang", "depth": 2}, NAMES)  # text-only works on a ResNet
     assert learner.text_features().shape == (len(NAMES), 24)
 
 
-def test_prompts_of_the_original_trainers_convert_to_ours() -> None:
-    clip = make_clip()
+def test_prompts_of_the_original_trainers_convert_to_ours(clip) -> None:
     learner = get_prompt_model(clip, {"method": "ivlp", "n_ctx_text": 2, "depth_text": 3, "depth_vision": 2}, NAMES)
     generator = torch.Generator().manual_seed(2)
     ctx, text_deep, vpt, vision_deep = (torch.randn(2, w, generator=generator).half() for w in (32, 32, 48, 48))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.model import CLIP
 from promptclip.clip.tokenizer import get_tokenizer
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.methods.maple import MaPLe, MaPLeConfig, convert_official_state
@@ -19,15 +19,10 @@ LAYERS = 4
 DEPTH = 3
 
 
-def make_clip(seed: int = 0) -> CLIP:
-    arch = {
-        "name": "tiny-two-width",
-        "embed_dim": 24,
-        "vision": {"image_size": 32, "width": 48, "layers": LAYERS, "heads": 2, "patch_size": 8},
-        "text": {"width": 32, "heads": 2, "layers": LAYERS},
-    }
-    torch.manual_seed(seed)
-    return CLIP(ArchConfig.from_dict(arch))
+@pytest.fixture
+def clip(tiny_clips) -> CLIP:
+    """The two-width tiny CLIP (text 32, vision 48) with LAYERS blocks per tower, random weights of seed 0."""
+    return tiny_clips.seeded(tiny_clips.two_width(LAYERS))
 
 
 def make_learner(clip: CLIP, depth: int = DEPTH, **cfg: Any) -> MaPLe:
@@ -45,8 +40,7 @@ def test_defaults_are_the_base_to_novel_recipe() -> None:
     assert (cfg.n_ctx, cfg.depth, cfg.ctx_init) == (2, 9, "a photo of a")
 
 
-def test_vision_prompt_at_every_depth_is_the_coupling_of_that_depths_text_prompt() -> None:
-    clip = make_clip()
+def test_vision_prompt_at_every_depth_is_the_coupling_of_that_depths_text_prompt(clip) -> None:
     learner = make_learner(clip)
     with torch.no_grad():  # move every prompt off its initial value, as after training
         for param in learner.trainable_parameters().values():
@@ -75,8 +69,7 @@ def test_vision_prompt_at_every_depth_is_the_coupling_of_that_depths_text_prompt
     assert entering[0].shape[1] == 1 + (32 // 8) ** 2 + 2
 
 
-def test_text_prompts_enter_positions_after_the_start_token() -> None:
-    clip = make_clip()
+def test_text_prompts_enter_positions_after_the_start_token(clip) -> None:
     learner = make_learner(clip)
     entering: list[torch.Tensor] = []
     handles = [
@@ -92,8 +85,7 @@ def test_text_prompts_enter_positions_after_the_start_token() -> None:
         assert torch.equal(entering[layer][:, 1:3], expected), f"layer {layer}"
 
 
-def test_context_is_the_first_two_tokens_of_a_photo_of_a_and_of_a_stays_fixed() -> None:
-    clip = make_clip()
+def test_context_is_the_first_two_tokens_of_a_photo_of_a_and_of_a_stays_fixed(clip) -> None:
     learner = make_learner(clip)
     ids = get_tokenizer().encode("a photo of a")
     embedding = clip.token_embedding.weight
@@ -104,8 +96,8 @@ def test_context_is_the_first_two_tokens_of_a_photo_of_a_and_of_a_stays_fixed() 
     assert int(parts.eot_index[0]) == len(cat_ids) + 1
 
 
-def test_one_coupling_per_depth_with_backbone_widths() -> None:
-    learner = make_learner(make_clip())
+def test_one_coupling_per_depth_with_backbone_widths(clip) -> None:
+    learner = make_learner(clip)
     assert len(learner.couplings) == DEPTH
     for coupling in learner.couplings:
         assert tuple(coupling.weight.shape) == (48, 32)
@@ -116,8 +108,7 @@ def test_one_coupling_per_depth_with_backbone_widths() -> None:
     assert not torch.equal(learner.couplings[0].weight, learner.couplings[1].weight)
 
 
-def test_gradients_reach_every_coupling_and_text_prompt() -> None:
-    clip = make_clip()
+def test_gradients_reach_every_coupling_and_text_prompt(clip) -> None:
     learner = make_learner(clip)
     learner.train()
     data = {"image": images(clip), "label": torch.tensor([0, 2])}
@@ -128,17 +119,15 @@ def test_gradients_reach_every_coupling_and_text_prompt() -> None:
     assert all(p.grad is None for p in clip.parameters())
 
 
-def test_image_side_alone_sends_gradient_into_the_text_prompts() -> None:
+def test_image_side_alone_sends_gradient_into_the_text_prompts(clip) -> None:
     """The coupling makes the vision prompts functions of the text prompts."""
-    clip = make_clip()
     learner = make_learner(clip)
     learner.image_features(images(clip)).sum().backward()
     assert learner.text.ctx.grad is not None and learner.text.ctx.grad.abs().sum() > 0
     assert learner.text.deep["2"].grad is not None and learner.text.deep["2"].grad.abs().sum() > 0
 
 
-def test_functional_call_with_substituted_prompts_and_couplings() -> None:
-    clip = make_clip()
+def test_functional_call_with_substituted_prompts_and_couplings(clip) -> None:
     learner = make_learner(clip)
     generator = torch.Generator().manual_seed(8)
     substitutes = {
@@ -156,8 +145,7 @@ def test_functional_call_with_substituted_prompts_and_couplings() -> None:
     assert not torch.allclose(substituted, learner(data).logits, atol=1e-4)
 
 
-def test_round_trip_through_save_pretrained(tmp_path: Any) -> None:
-    clip = make_clip()
+def test_round_trip_through_save_pretrained(clip, tmp_path: Any) -> None:
     learner = make_learner(clip)
     with torch.no_grad():
         learner.couplings[2].bias.add_(1.0)
@@ -168,13 +156,12 @@ def test_round_trip_through_save_pretrained(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize(("cfg", "message"), [({"depth": 5}, "exceeds"), ({"n_ctx": 0}, "at least 1")])
-def test_bad_configs_are_refused(cfg: dict[str, Any], message: str) -> None:
+def test_bad_configs_are_refused(clip, cfg: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_learner(make_clip(), **cfg)
+        make_learner(clip, **cfg)
 
 
-def test_prompts_of_the_original_trainer_convert_to_ours() -> None:
-    clip = make_clip()
+def test_prompts_of_the_original_trainer_convert_to_ours(clip) -> None:
     learner = make_learner(clip)
     generator = torch.Generator().manual_seed(3)
     original: dict[str, torch.Tensor] = {

@@ -22,7 +22,6 @@ import yaml
 from dpc_cases import dpc_builder
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.weights import load_clip
 from promptclip.engine.evaluate import evaluate
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
@@ -92,24 +91,26 @@ IDS = [case.name for case in CASES]
 # -- helpers -------------------------------------------------------------------------------------------------
 
 
-_CLIPS: dict[str, CLIP] = {}
+@pytest.fixture(scope="module")
+def clip_of(tiny_clips) -> Callable[[str], CLIP]:
+    """The CLIP of an architecture ("tiny-vit", "tiny-rn"): random weights of seed 1234, shared by the checks
+    (they never change it)."""
+    return lambda arch: tiny_clips(arch, 1234)
 
 
-def tiny_clip(arch: str) -> CLIP:
-    """One random tiny CLIP per architecture for the whole module (the checks below never change it)."""
-    if arch not in _CLIPS:
-        torch.manual_seed(1234)
-        _CLIPS[arch] = load_clip(arch, weights="random")
-    return _CLIPS[arch]
+@pytest.fixture
+def build(clip_of: Callable[[str], CLIP]) -> Callable[..., PromptModel]:
+    """build(case, classnames, seed, clip): the case's learner, its own tensors drawn from `seed`."""
 
+    def make(case: Case, classnames: Sequence[str] = CLASSES, seed: int = 0, clip: CLIP | None = None) -> PromptModel:
+        clip = clip or clip_of(case.arch)
+        torch.manual_seed(seed)
+        if case.build is not None:
+            return case.build(clip, classnames, TEMPLATE)
+        learner = get_prompt_model(clip, {"method": case.method_name, **case.cfg}, classnames, template=TEMPLATE)
+        return wrap_with_plugins(learner, case.plugins) if case.plugins else learner
 
-def build(case: Case, classnames: Sequence[str] = CLASSES, seed: int = 0, clip: CLIP | None = None) -> PromptModel:
-    clip = clip or tiny_clip(case.arch)
-    torch.manual_seed(seed)
-    if case.build is not None:
-        return case.build(clip, classnames, TEMPLATE)
-    learner = get_prompt_model(clip, {"method": case.method_name, **case.cfg}, classnames, template=TEMPLATE)
-    return wrap_with_plugins(learner, case.plugins) if case.plugins else learner
+    return make
 
 
 def make_batch(clip: CLIP, num_classes: int = len(CLASSES), seed: int = 0) -> dict[str, Any]:
@@ -172,7 +173,7 @@ class TextTowerCalls:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_output_shapes_and_logits(case: Case) -> None:
+def test_output_shapes_and_logits(build, case: Case) -> None:
     learner = build(case)
     clip = learner.clip
     learner.train()
@@ -192,7 +193,7 @@ def test_output_shapes_and_logits(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_gradients_reach_only_trainable_tensors(case: Case) -> None:
+def test_gradients_reach_only_trainable_tensors(build, case: Case) -> None:
     learner = build(case)
     learner.train()
     loss = total_loss(learner, make_batch(learner.clip))
@@ -211,7 +212,7 @@ def test_gradients_reach_only_trainable_tensors(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backbone_bitwise_unchanged_after_optimizer_steps(case: Case) -> None:
+def test_backbone_bitwise_unchanged_after_optimizer_steps(build, case: Case) -> None:
     learner = build(case)
     before = {k: v.clone() for k, v in learner.clip.state_dict().items()}
     trainable_before = {k: v.clone() for k, v in learner.trainable_state().items()}
@@ -226,7 +227,7 @@ def test_backbone_bitwise_unchanged_after_optimizer_steps(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_save_and_load_round_trip_gives_identical_logits(case: Case, tmp_path: Path) -> None:
+def test_save_and_load_round_trip_gives_identical_logits(build, case: Case, tmp_path: Path) -> None:
     learner = build(case)
     batch = make_batch(learner.clip)
     train_step(learner, batch)
@@ -239,15 +240,15 @@ def test_save_and_load_round_trip_gives_identical_logits(case: Case, tmp_path: P
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_same_seed_gives_same_logits(case: Case) -> None:
-    batch = make_batch(tiny_clip(case.arch))
+def test_same_seed_gives_same_logits(build, clip_of, case: Case) -> None:
+    batch = make_batch(clip_of(case.arch))
     first = eval_logits(build(case, seed=7), batch)
     second = eval_logits(build(case, seed=7), batch)
     assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_switching_the_class_set(case: Case) -> None:
+def test_switching_the_class_set(build, case: Case) -> None:
     learner = build(case)
     batch = make_batch(learner.clip)
     train_step(learner, batch)
@@ -268,7 +269,7 @@ def test_switching_the_class_set(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_text_features_are_encoded_once_in_eval(case: Case) -> None:
+def test_text_features_are_encoded_once_in_eval(build, case: Case) -> None:
     learner = build(case)
     batch = make_batch(learner.clip)
     learner.eval()
@@ -297,7 +298,7 @@ def test_text_features_are_encoded_once_in_eval(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_evaluation_counts_follow_the_logits(case: Case) -> None:
+def test_evaluation_counts_follow_the_logits(build, case: Case) -> None:
     learner = build(case)
     batch = make_batch(learner.clip)
     train_step(learner, batch)
@@ -316,7 +317,9 @@ def test_evaluation_counts_follow_the_logits(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_loading_onto_another_backbone_is_refused(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loading_onto_another_backbone_is_refused(
+    build, clip_of, case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     learner = build(case)
     clip = learner.clip
     monkeypatch.setattr(clip, "weights_sha256", "a" * 64)
@@ -326,7 +329,7 @@ def test_loading_onto_another_backbone_is_refused(case: Case, tmp_path: Path, mo
         PromptModel.from_pretrained(clip, tmp_path / "prompt")
     other_arch = "tiny-rn" if case.arch == "tiny-vit" else "tiny-vit"
     with pytest.raises(ValueError, match="backbone"):
-        PromptModel.from_pretrained(tiny_clip(other_arch), tmp_path / "prompt")
+        PromptModel.from_pretrained(clip_of(other_arch), tmp_path / "prompt")
 
 
 def test_case_names_are_unique() -> None:
@@ -343,7 +346,7 @@ def test_every_registered_method_has_a_case() -> None:
     assert not missing, f"methods without a case in the common checker: {missing}"
 
 
-def test_trainable_parameter_counts_are_reported() -> None:
+def test_trainable_parameter_counts_are_reported(build) -> None:
     learner = build(CASES[IDS.index("cocoop")])
     trainable, total = learner.num_parameters()
     in_width, hidden, out_width = 32, 2, 64  # tiny-vit: image features 32 wide, text width 64
@@ -368,7 +371,7 @@ SMOKE_CLASSES = 10
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_one_epoch_command_line_run(case: Case, tmp_path: Path) -> None:
+def test_one_epoch_command_line_run(clip_of, case: Case, tmp_path: Path) -> None:
     from promptclip.cli import main
 
     recipe = {
@@ -376,7 +379,7 @@ def test_one_epoch_command_line_run(case: Case, tmp_path: Path) -> None:
         "method_cfg": case.cfg,
         "plugins": case.plugins,
         "model": {"arch": case.arch, "weights": "random", "precision": "fp32"},
-        "data": {**SMOKE_DATA, "options": {**SMOKE_DATA["options"], "image_size": tiny_clip(case.arch).image_size}},
+        "data": {**SMOKE_DATA, "options": {**SMOKE_DATA["options"], "image_size": clip_of(case.arch).image_size}},
         "optim": {"lr": 0.002, "epochs": 1, "warmup_epochs": 1},
         "device": "cpu",
     }
@@ -390,7 +393,7 @@ def test_one_epoch_command_line_run(case: Case, tmp_path: Path) -> None:
     evaluation = results["evaluations"]["all"]
     assert len(evaluation["total"]) == SMOKE_CLASSES and sum(evaluation["total"]) == 2 * SMOKE_CLASSES
     assert evaluation["accuracy"] == pytest.approx(100 * sum(evaluation["correct"]) / sum(evaluation["total"]))
-    loaded = PromptModel.from_pretrained(tiny_clip(case.arch), run_dir / "prompt")
+    loaded = PromptModel.from_pretrained(clip_of(case.arch), run_dir / "prompt")
     assert loaded.describe()["method"] == case.method_name
     assert list(loaded.describe()["plugins"]) == list(case.plugins)
     assert len(loaded.classnames) == SMOKE_CLASSES

@@ -130,9 +130,8 @@ def test_vit_b16_sized_matches_transformers_features(transformers) -> None:
     assert_parity(our_features(model, pixels, tokens), hf_features(hf_model, pixels, tokens))
 
 
-def test_exported_hf_folder_loads_in_transformers_with_same_features(transformers, tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    model = load_clip("tiny-vit", weights="random")
+def test_exported_hf_folder_loads_in_transformers_with_same_features(tiny_clips, transformers, tmp_path: Path) -> None:
+    model = tiny_clips.fresh("tiny-vit", seed=1)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -223,17 +222,12 @@ def test_attention_pool_matches_hand_computation() -> None:
 # --------------------------------------------------------------------------------------------------------
 
 
-def small_model(layers: int = 3, seed: int = 0) -> CLIP:
-    """A tiny random CLIP with `layers` blocks in each tower and non-trivial biases and norms."""
-    cfg = arch_config("tiny-vit")
-    cfg = dataclasses.replace(
-        cfg,
-        name="tiny-test",
-        vision=dataclasses.replace(cfg.vision, layers=layers),
-        text=dataclasses.replace(cfg.text, layers=layers),
-    )
-    torch.manual_seed(seed)
-    model = CLIP(cfg).eval()
+@pytest.fixture
+def small_model(tiny_clips) -> CLIP:
+    """A tiny random CLIP with 3 blocks in each tower and non-trivial biases and norms."""
+    cfg = arch_config("tiny-vit").to_dict()
+    arch = {**cfg, "name": "tiny-test", "vision": {**cfg["vision"], "layers": 3}, "text": {**cfg["text"], "layers": 3}}
+    model = tiny_clips.fresh(arch, seed=0)
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() <= 1:
@@ -247,8 +241,8 @@ def sequence_lengths_entering(block: torch.nn.Module) -> list[int]:
     return lengths
 
 
-def test_eot_truncation_gives_full_length_features() -> None:
-    model = small_model()
+def test_eot_truncation_gives_full_length_features(small_model) -> None:
+    model = small_model
     tokens = tokenize(TEXTS)
     lengths = sequence_lengths_entering(model.transformer.resblocks[0])
     with torch.no_grad():
@@ -260,9 +254,9 @@ def test_eot_truncation_gives_full_length_features() -> None:
 
 
 @pytest.mark.parametrize("context", [4, 12])
-def test_eot_truncation_with_deep_prompts(context: int) -> None:
+def test_eot_truncation_with_deep_prompts(small_model, context: int) -> None:
     """Prompts wider than the shortest texts (context 12 reaches past every end-of-text of short texts)."""
-    model = small_model()
+    model = small_model
     tokens = tokenize(["x", "a photo of a cat.", "a tiny red fox"])
     width = model.transformer.width
     words = model.token_embedding(tokens).detach()
@@ -299,8 +293,8 @@ def expand(prompt: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
-def test_vision_deep_prompts_fill_slots_and_none_carries_on(per_sample: bool) -> None:
-    model = small_model()
+def test_vision_deep_prompts_fill_slots_and_none_carries_on(small_model, per_sample: bool) -> None:
+    model = small_model
     visual = model.visual
     assert isinstance(visual, VisionTransformer)
     batch, count, width = 2, 3, visual.width
@@ -322,8 +316,8 @@ def test_vision_deep_prompts_fill_slots_and_none_carries_on(per_sample: bool) ->
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
-def test_text_deep_prompts_fill_slots_and_none_carries_on(per_sample: bool) -> None:
-    model = small_model()
+def test_text_deep_prompts_fill_slots_and_none_carries_on(small_model, per_sample: bool) -> None:
+    model = small_model
     tokens = tokenize(["a photo of a cat.", "a dog"])
     batch, count, start, width = len(tokens), 4, 1, model.transformer.width
     embeddings = model.token_embedding(tokens).detach()
@@ -346,8 +340,8 @@ def test_text_deep_prompts_fill_slots_and_none_carries_on(per_sample: bool) -> N
     )
 
 
-def test_deep_prompts_change_the_features() -> None:
-    model = small_model()
+def test_deep_prompts_change_the_features(small_model) -> None:
+    model = small_model
     tokens = tokenize(["a photo of a cat."])
     embeddings = model.token_embedding(tokens).detach()
     eot = tokens.argmax(dim=-1)
@@ -357,8 +351,8 @@ def test_deep_prompts_change_the_features() -> None:
     assert (plain - prompted).abs().max() > 1e-3
 
 
-def test_prompt_hook_errors() -> None:
-    model = small_model()
+def test_prompt_hook_errors(small_model, tiny_rn_clip) -> None:
+    model = small_model
     pixels = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match="shallow_prompts"):
         model.encode_image(pixels, deep_prompts=[torch.randn(2, 64)])
@@ -367,13 +361,13 @@ def test_prompt_hook_errors() -> None:
     tokens = tokenize(["a cat"])
     with pytest.raises(ValueError, match="3-layer"):
         model.encode_text_embeddings(model.token_embedding(tokens), tokens.argmax(-1), deep_prompts=[None] * 4)
-    resnet = load_clip("tiny-rn", weights="random")
+    resnet = tiny_rn_clip
     with pytest.raises(ValueError, match="ViT"):
         resnet.encode_image(torch.randn(1, 3, 64, 64), shallow_prompts=torch.randn(2, 256))
 
 
-def test_normalised_logits_use_logit_scale() -> None:
-    model = small_model()
+def test_normalised_logits_use_logit_scale(small_model) -> None:
+    model = small_model
     pixels, tokens = torch.randn(2, 3, 32, 32), tokenize(["a cat", "a dog", "a bird"])
     with torch.no_grad():
         per_image, per_text = model(pixels, tokens)

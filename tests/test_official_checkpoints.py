@@ -10,7 +10,6 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.weights import load_clip
 from promptclip.methods.base import PromptModel
 from promptclip.methods.cocoop import CoCoOp, CoCoOpConfig
 from promptclip.methods.coop import CoOp
@@ -20,12 +19,6 @@ from promptclip.methods.official import OfficialCheckpointError, load_official_p
 TRAIN_CLASSES = ["cat", "dog", "car"]
 CLASSES = ["airplane", "blue whale", "house", "tree", "red sports car"]
 WIDTH = 64  # tiny-vit text width
-
-
-@pytest.fixture(scope="module")
-def clip() -> CLIP:
-    torch.manual_seed(0)
-    return load_clip("tiny-vit", weights="random")
 
 
 class ConstantWarmup(LRScheduler):
@@ -79,10 +72,10 @@ def coop_state(n_ctx: int = 4, classes: int | None = None) -> dict[str, torch.Te
     return {"ctx": (0.02 * torch.randn(shape)).half(), **class_buffers(len(TRAIN_CLASSES), n_ctx)}
 
 
-def test_coop_prompt_loads_for_any_class_names(clip: CLIP, tmp_path: Path) -> None:
+def test_coop_prompt_loads_for_any_class_names(tiny_clip: CLIP, tmp_path: Path) -> None:
     state = coop_state(n_ctx=4)
     path = write_dassl_file(tmp_path / "prompt_learner" / "model.pth.tar-50", state, epoch=50)
-    learner = load_official_prompt(path, clip, CLASSES)
+    learner = load_official_prompt(path, tiny_clip, CLASSES)
     assert type(learner) is CoOp
     assert learner.cfg.n_ctx == 4 and not learner.cfg.csc
     assert learner.ctx.dtype == torch.float32
@@ -93,26 +86,26 @@ def test_coop_prompt_loads_for_any_class_names(clip: CLIP, tmp_path: Path) -> No
     assert logits.shape == (2, len(CLASSES))
 
 
-def test_class_specific_context(clip: CLIP, tmp_path: Path) -> None:
+def test_class_specific_context(tiny_clip: CLIP, tmp_path: Path) -> None:
     state = coop_state(n_ctx=2, classes=len(TRAIN_CLASSES))
     path = write_dassl_file(tmp_path / "model.pth.tar-200", state)
-    learner = load_official_prompt(path, clip, TRAIN_CLASSES, class_token_position="front")
+    learner = load_official_prompt(path, tiny_clip, TRAIN_CLASSES, class_token_position="front")
     assert type(learner) is CoOp and learner.cfg.csc and learner.cfg.class_token_position == "front"
     assert torch.equal(learner.ctx.detach(), state["ctx"].float())
     with pytest.raises(OfficialCheckpointError, match="class-specific context for 3 classes, but 5"):
-        load_official_prompt(path, clip, CLASSES)
+        load_official_prompt(path, tiny_clip, CLASSES)
 
 
-def test_cocoop_prompt_reproduces_the_learner_it_came_from(clip: CLIP, tmp_path: Path) -> None:
+def test_cocoop_prompt_reproduces_the_learner_it_came_from(tiny_clip: CLIP, tmp_path: Path) -> None:
     torch.manual_seed(3)
-    original = CoCoOp(clip, TRAIN_CLASSES, CoCoOpConfig())
+    original = CoCoOp(tiny_clip, TRAIN_CLASSES, CoCoOpConfig())
     with torch.no_grad():
         for p in original.trainable_parameters().values():
             p.add_(0.05 * torch.randn_like(p))
     state = {k: v.half() for k, v in original.trainable_state().items()}
     state.update(class_buffers(len(TRAIN_CLASSES), 4))
     path = write_dassl_file(tmp_path / "model.pth.tar-10", state)
-    learner = load_official_prompt(path, clip, TRAIN_CLASSES)
+    learner = load_official_prompt(path, tiny_clip, TRAIN_CLASSES)
     assert type(learner) is CoCoOp
     for name, tensor in learner.trainable_state().items():
         assert torch.equal(tensor, state[name].float()), name
@@ -123,7 +116,7 @@ def test_cocoop_prompt_reproduces_the_learner_it_came_from(clip: CLIP, tmp_path:
         assert torch.allclose(learner({"image": x}).logits, original({"image": x}).logits, atol=1e-6)
 
 
-def test_kgcoop_prompt_ignores_its_unused_tensors(clip: CLIP, tmp_path: Path) -> None:
+def test_kgcoop_prompt_ignores_its_unused_tensors(tiny_clip: CLIP, tmp_path: Path) -> None:
     state = coop_state(n_ctx=4)
     state.update(
         {
@@ -133,19 +126,19 @@ def test_kgcoop_prompt_ignores_its_unused_tensors(clip: CLIP, tmp_path: Path) ->
         }
     )
     path = write_dassl_file(tmp_path / "model.pth.tar-100", state)
-    learner = load_official_prompt(path, clip, CLASSES, template="a photo of a {}, a type of pet.")
+    learner = load_official_prompt(path, tiny_clip, CLASSES, template="a photo of a {}, a type of pet.")
     assert type(learner) is KgCoOp and learner.template == "a photo of a {}, a type of pet."
     assert torch.equal(learner.ctx.detach(), state["ctx"].float())
-    as_coop = load_official_prompt(path, clip, CLASSES, method="coop")
+    as_coop = load_official_prompt(path, tiny_clip, CLASSES, method="coop")
     assert type(as_coop) is CoOp
 
 
-def test_original_trainer_files_with_scheduler_objects_load(clip: CLIP, tmp_path: Path) -> None:
+def test_original_trainer_files_with_scheduler_objects_load(tiny_clip: CLIP, tmp_path: Path) -> None:
     state = coop_state(n_ctx=4)
     path = write_dassl_file(tmp_path / "model.pth.tar-10", state, objects=True)
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(path, weights_only=True)  # what the plain weights-only reader says about such files
-    learner = load_official_prompt(path, clip, CLASSES)
+    learner = load_official_prompt(path, tiny_clip, CLASSES)
     assert torch.equal(learner.ctx.detach(), state["ctx"].float())
 
 
@@ -164,37 +157,37 @@ class CodeOnLoad:
         return (record_execution, ("ran",))
 
 
-def test_files_with_other_objects_are_refused_without_running_them(clip: CLIP, tmp_path: Path) -> None:
+def test_files_with_other_objects_are_refused_without_running_them(tiny_clip: CLIP, tmp_path: Path) -> None:
     path = tmp_path / "model.pth.tar-1"
     torch.save({"state_dict": coop_state(), "epoch": 1, "extra": CodeOnLoad()}, path)
     with pytest.raises(OfficialCheckpointError, match=r"weights_only=True.*record_execution"):
-        load_official_prompt(path, clip, CLASSES)
+        load_official_prompt(path, tiny_clip, CLASSES)
     assert EXECUTED == []
 
 
-def test_run_folders_pick_the_last_or_the_requested_epoch(clip: CLIP, tmp_path: Path) -> None:
+def test_run_folders_pick_the_last_or_the_requested_epoch(tiny_clip: CLIP, tmp_path: Path) -> None:
     early, late = coop_state(), coop_state()
     write_dassl_file(tmp_path / "seed1" / "prompt_learner" / "model.pth.tar-5", early, epoch=5)
     write_dassl_file(tmp_path / "seed1" / "prompt_learner" / "model.pth.tar-10", late, epoch=10)
-    assert torch.equal(load_official_prompt(tmp_path / "seed1", clip, CLASSES).ctx.detach(), late["ctx"].float())
-    chosen = load_official_prompt(tmp_path / "seed1", clip, CLASSES, epoch=5)
+    assert torch.equal(load_official_prompt(tmp_path / "seed1", tiny_clip, CLASSES).ctx.detach(), late["ctx"].float())
+    chosen = load_official_prompt(tmp_path / "seed1", tiny_clip, CLASSES, epoch=5)
     assert torch.equal(chosen.ctx.detach(), early["ctx"].float())
     with pytest.raises(FileNotFoundError, match=r"epochs present: \[5, 10\]"):
-        load_official_prompt(tmp_path / "seed1", clip, CLASSES, epoch=7)
+        load_official_prompt(tmp_path / "seed1", tiny_clip, CLASSES, epoch=7)
 
 
-def test_bare_state_dicts_and_data_parallel_names(clip: CLIP, tmp_path: Path) -> None:
+def test_bare_state_dicts_and_data_parallel_names(tiny_clip: CLIP, tmp_path: Path) -> None:
     state = {f"module.{k}": v for k, v in coop_state(n_ctx=3).items()}
     torch.save(state, tmp_path / "bare.pth")
-    learner = load_official_prompt(tmp_path / "bare.pth", clip, CLASSES)
+    learner = load_official_prompt(tmp_path / "bare.pth", tiny_clip, CLASSES)
     assert torch.equal(learner.ctx.detach(), state["module.ctx"].float())
 
 
-def test_loaded_prompts_save_in_our_format(clip: CLIP, tmp_path: Path) -> None:
+def test_loaded_prompts_save_in_our_format(tiny_clip: CLIP, tmp_path: Path) -> None:
     path = write_dassl_file(tmp_path / "model.pth.tar-10", coop_state(n_ctx=4))
-    learner = load_official_prompt(path, clip, CLASSES)
+    learner = load_official_prompt(path, tiny_clip, CLASSES)
     learner.save_pretrained(tmp_path / "converted")
-    again = PromptModel.from_pretrained(clip, tmp_path / "converted")
+    again = PromptModel.from_pretrained(tiny_clip, tmp_path / "converted")
     assert torch.equal(again.trainable_state()["ctx"], learner.trainable_state()["ctx"])
 
 
@@ -215,22 +208,22 @@ def test_loaded_prompts_save_in_our_format(clip: CLIP, tmp_path: Path) -> None:
     ids=["wrong-width", "wrong-meta-net", "not-cocoop", "cocoop-as-coop", "no-ctx", "other-method"],
 )  # fmt: skip
 def test_unusable_files_are_refused_with_the_reason(
-    clip: CLIP, tmp_path: Path, state: dict[str, torch.Tensor], method: str | None, message: str
+    tiny_clip: CLIP, tmp_path: Path, state: dict[str, torch.Tensor], method: str | None, message: str
 ) -> None:
     path = write_dassl_file(tmp_path / "model.pth.tar-1", state)
     with pytest.raises(OfficialCheckpointError, match=message) as info:
-        load_official_prompt(path, clip, CLASSES, method=method)  # type: ignore[arg-type]
+        load_official_prompt(path, tiny_clip, CLASSES, method=method)  # type: ignore[arg-type]
     assert str(path) in str(info.value) or "method" in str(info.value)
 
 
-def test_a_file_that_is_not_a_checkpoint(clip: CLIP, tmp_path: Path) -> None:
+def test_a_file_that_is_not_a_checkpoint(tiny_clip: CLIP, tmp_path: Path) -> None:
     path = tmp_path / "model.pth.tar-1"
     path.write_text("not a checkpoint")
     with pytest.raises(OfficialCheckpointError, match="not a readable PyTorch checkpoint"):
-        load_official_prompt(path, clip, CLASSES)
+        load_official_prompt(path, tiny_clip, CLASSES)
 
 
-def test_eval_command_evaluates_an_official_prompt_file(clip: CLIP, tmp_path: Path, capsys) -> None:
+def test_eval_command_evaluates_an_official_prompt_file(tiny_clip: CLIP, tmp_path: Path, capsys) -> None:
     """`promptclip eval --official FILE` gives the counts of the converted learner on the dataset's classes."""
     from promptclip.cli import main
     from promptclip.clip.weights import save_clip
@@ -238,7 +231,7 @@ def test_eval_command_evaluates_an_official_prompt_file(clip: CLIP, tmp_path: Pa
     from promptclip.data.loader import build_loader
     from promptclip.engine.evaluate import evaluate
 
-    weights = save_clip(clip, tmp_path / "tiny-vit.safetensors")
+    weights = save_clip(tiny_clip, tmp_path / "tiny-vit.safetensors")
     file = write_dassl_file(tmp_path / "prompt_learner" / "model.pth.tar-10", coop_state(), objects=True)
     options = ["train_per_class=1", "val_per_class=1", "test_per_class=2", "image_size=32"]
     argv = ["eval", "--official", str(file), "--dataset", "synthetic_shapes", "--arch", "tiny-vit"]
@@ -253,7 +246,7 @@ def test_eval_command_evaluates_an_official_prompt_file(clip: CLIP, tmp_path: Pa
         "synthetic_shapes", None, train_per_class=1, val_per_class=1, test_per_class=2, image_size=32
     )
     expected = evaluate(
-        load_official_prompt(file, clip, splits.classnames, template=splits.template),
+        load_official_prompt(file, tiny_clip, splits.classnames, template=splits.template),
         build_loader(splits, "test", batch_size=100, train=False, image_size=32),
     )
     assert counts["correct"] == expected.correct

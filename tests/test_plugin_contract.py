@@ -117,17 +117,15 @@ class Interrupt(Exception):
     pass
 
 
-def test_promptsrc_inside_a_plugin_resumes_bitwise(tmp_path: Path) -> None:
+def test_promptsrc_inside_a_plugin_resumes_bitwise(tiny_clips, tmp_path: Path) -> None:
     """PromptSRC's Gaussian prompt aggregation keeps a running sum across epochs; wrapped in a plug-in that
     does nothing about it, the checkpoint still carries it (PluginModel forwards `training_state`)."""
-    from promptclip.clip.weights import load_clip
     from promptclip.config import OptimConfig
     from promptclip.data.datasets import build_dataset
     from promptclip.data.loader import build_loader
     from promptclip.methods.promptsrc import PromptSRC, PromptSRCConfig
 
-    torch.manual_seed(0)
-    clip = load_clip("tiny-vit", weights="random")
+    clip = tiny_clips.seeded("tiny-vit", 0)
     splits = build_dataset("synthetic_shapes", train_per_class=2, val_per_class=1, test_per_class=1, image_size=32)
     cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
     method_cfg = PromptSRCConfig(n_ctx_text=2, n_ctx_vision=2, depth_text=2, depth_vision=2, gpa_mean=1.0, gpa_std=1.0)
@@ -153,12 +151,10 @@ def test_promptsrc_inside_a_plugin_resumes_bitwise(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_set_template_and_eval_subset_reach_the_inner_learner() -> None:
-    from promptclip.clip.weights import load_clip
+def test_set_template_and_eval_subset_reach_the_inner_learner(tiny_clip) -> None:
     from promptclip.factory import get_prompt_model
 
-    clip = load_clip("tiny-vit", weights="random")
-    inner = get_prompt_model(clip, {"method": "coop", "n_ctx": 2}, ["a", "b"])
+    inner = get_prompt_model(tiny_clip, {"method": "coop", "n_ctx": 2}, ["a", "b"])
     seen: list[str] = []
     inner.set_eval_subset = seen.append  # type: ignore[method-assign]
     outer = Bare(Bare(inner, ProbeConfig()), ProbeConfig())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.model import CLIP
 from promptclip.clip.weights import save_clip
 from promptclip.io import sha256_file
 from promptclip.methods.base import PromptModel, get_prompt_model
@@ -21,34 +22,48 @@ NAMES = ["cat", "golden retriever", "red_sports_car", "tree"]
 STUDENT_DIM, TEACHER_DIM = 24, 40
 
 
-def make_clip(kind: str, seed: int = 0) -> CLIP:
-    widths = {"student": (48, 32, STUDENT_DIM), "teacher": (64, 48, TEACHER_DIM)}[kind]
-    vision_width, text_width, embed = widths
-    arch = {
+def clip_arch(kind: str) -> dict[str, Any]:
+    vision_width, text_width, embed = {"student": (48, 32, STUDENT_DIM), "teacher": (64, 48, TEACHER_DIM)}[kind]
+    return {
         "name": f"tiny-{kind}",
         "embed_dim": embed,
         "vision": {"image_size": 32, "width": vision_width, "layers": 2, "heads": 2, "patch_size": 8},
         "text": {"width": text_width, "heads": 2, "layers": 2},
     }
-    torch.manual_seed(seed)
-    return CLIP(ArchConfig.from_dict(arch))
 
 
-def make_teacher(seed: int = 1) -> PromptModel:
-    """A prompted teacher (PromptSRC layout) with trained-looking prompts."""
-    teacher = get_prompt_model(
-        make_clip("teacher", seed), {"method": "promptsrc", "depth_text": 2, "depth_vision": 2}, NAMES
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in teacher.trainable_parameters().values():
-            param.add_(0.5 * torch.randn(param.shape, generator=generator))
-    return teacher
+@pytest.fixture
+def make_clip(tiny_clips) -> Callable[..., CLIP]:
+    """make_clip(kind, seed): the student's or the teacher's tiny CLIP with the random weights of `seed`."""
+    return lambda kind, seed=0: tiny_clips.seeded(clip_arch(kind), seed)
 
 
-def make_student(teacher: PromptModel | None = None, **cfg: Any) -> PromptKD:
-    full = PromptKDConfig(**{"depth_vision": 2, **cfg})
-    return PromptKD(make_clip("student"), NAMES, full, teacher=teacher if teacher is not None else make_teacher())
+@pytest.fixture
+def make_teacher(make_clip: Callable[..., CLIP]) -> Callable[..., PromptModel]:
+    """make_teacher(seed): a prompted teacher (PromptSRC layout) with trained-looking prompts."""
+
+    def build(seed: int = 1) -> PromptModel:
+        teacher = get_prompt_model(
+            make_clip("teacher", seed), {"method": "promptsrc", "depth_text": 2, "depth_vision": 2}, NAMES
+        )
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in teacher.trainable_parameters().values():
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+        return teacher
+
+    return build
+
+
+@pytest.fixture
+def make_student(make_clip: Callable[..., CLIP], make_teacher: Callable[..., PromptModel]) -> Callable[..., PromptKD]:
+    """make_student(teacher, **cfg): a PromptKD student (2 prompted layers) of `teacher` or of a new one."""
+
+    def build(teacher: PromptModel | None = None, **cfg: Any) -> PromptKD:
+        full = PromptKDConfig(**{"depth_vision": 2, **cfg})
+        return PromptKD(make_clip("student"), NAMES, full, teacher=teacher if teacher is not None else make_teacher())
+
+    return build
 
 
 def make_batch(size: int = 4) -> dict[str, torch.Tensor]:
@@ -63,7 +78,7 @@ def test_defaults_are_the_paper_recipe() -> None:
     assert PromptKD.transductive is True
 
 
-def test_student_learns_visual_prompts_and_the_projector_to_the_teacher_width() -> None:
+def test_student_learns_visual_prompts_and_the_projector_to_the_teacher_width(make_student) -> None:
     student = make_student()
     shapes = {name: tuple(p.shape) for name, p in student.trainable_parameters().items()}
     assert shapes == {
@@ -86,7 +101,7 @@ def test_student_learns_visual_prompts_and_the_projector_to_the_teacher_width() 
     assert output.logits.shape == (4, len(NAMES))
 
 
-def test_classifier_is_the_teachers_text_features() -> None:
+def test_classifier_is_the_teachers_text_features(make_student, make_teacher) -> None:
     teacher = make_teacher()
     student = make_student(teacher)
     with torch.no_grad():
@@ -97,7 +112,7 @@ def test_classifier_is_the_teachers_text_features() -> None:
     assert torch.allclose(output.logits, scale * output.image_features @ expected.t(), atol=1e-5)
 
 
-def test_teacher_is_frozen_and_the_gradient_is_that_of_detached_teacher_outputs() -> None:
+def test_teacher_is_frozen_and_the_gradient_is_that_of_detached_teacher_outputs(make_student, make_teacher) -> None:
     teacher = make_teacher()
     student = make_student(teacher, temperature=2.0)
     student.train()
@@ -133,7 +148,7 @@ def test_teacher_is_frozen_and_the_gradient_is_that_of_detached_teacher_outputs(
     assert (recomputed - original).norm() <= 1e-5 * original.norm()
 
 
-def test_teacher_text_features_are_encoded_once_per_class_set() -> None:
+def test_teacher_text_features_are_encoded_once_per_class_set(make_student, make_teacher) -> None:
     teacher = make_teacher()
     student = make_student(teacher)
     calls = {"count": 0}
@@ -159,7 +174,7 @@ def test_teacher_text_features_are_encoded_once_per_class_set() -> None:
     assert calls["count"] == 2
 
 
-def test_labels_are_not_used_unless_asked_for() -> None:
+def test_labels_are_not_used_unless_asked_for(make_student) -> None:
     student = make_student()
     data = make_batch()
     unlabelled = {"image": data["image"], "label": torch.full((4,), -100)}  # transductive: no usable labels
@@ -171,7 +186,7 @@ def test_labels_are_not_used_unless_asked_for() -> None:
     assert torch.allclose(losses["ce"], 0.5 * F.cross_entropy(with_ce(data).logits, data["label"]))
 
 
-def test_batch_norm_statistics_are_trained_state() -> None:
+def test_batch_norm_statistics_are_trained_state(make_student) -> None:
     student = make_student()
     before = {k: v.clone() for k, v in student.extra_state_buffers().items()}
     student.train()
@@ -191,7 +206,7 @@ def test_batch_norm_statistics_are_trained_state() -> None:
     assert int(student.extra_state_buffers()["projector.bn.num_batches_tracked"]) == 1
 
 
-def test_functional_call_substitutes_the_student_tensors() -> None:
+def test_functional_call_substitutes_the_student_tensors(make_student) -> None:
     student = make_student()
     generator = torch.Generator().manual_seed(4)
     substitutes = {
@@ -210,7 +225,7 @@ def test_functional_call_substitutes_the_student_tensors() -> None:
         assert not torch.allclose(substituted, student(data).logits, atol=1e-4)
 
 
-def test_teacher_loads_from_a_saved_prompt_and_round_trips(tmp_path: Path) -> None:
+def test_teacher_loads_from_a_saved_prompt_and_round_trips(make_teacher, make_clip, tmp_path: Path) -> None:
     teacher = make_teacher()
     teacher_weights = save_clip(teacher.clip, tmp_path / "teacher.safetensors")
     teacher.clip.weights_sha256 = sha256_file(teacher_weights)
@@ -238,21 +253,19 @@ def test_teacher_loads_from_a_saved_prompt_and_round_trips(tmp_path: Path) -> No
         assert torch.equal(loaded(data).logits, expected)
 
 
-def test_mismatched_image_sizes_are_refused() -> None:
-    arch = ArchConfig.from_dict(
-        {
-            "name": "tiny-64px",
-            "embed_dim": TEACHER_DIM,
-            "vision": {"image_size": 64, "width": 64, "layers": 2, "heads": 2, "patch_size": 16},
-            "text": {"width": 48, "heads": 2, "layers": 2},
-        }
-    )
-    teacher = get_prompt_model(CLIP(arch), {"method": "zeroshot"}, NAMES)
+def test_mismatched_image_sizes_are_refused(make_student, tiny_clips) -> None:
+    arch = {
+        "name": "tiny-64px",
+        "embed_dim": TEACHER_DIM,
+        "vision": {"image_size": 64, "width": 64, "layers": 2, "heads": 2, "patch_size": 16},
+        "text": {"width": 48, "heads": 2, "layers": 2},
+    }
+    teacher = get_prompt_model(tiny_clips(arch), {"method": "zeroshot"}, NAMES)
     with pytest.raises(ValueError, match="px"):
         make_student(teacher)
 
 
-def test_student_of_the_original_trainer_converts_to_ours() -> None:
+def test_student_of_the_original_trainer_converts_to_ours(make_student) -> None:
     student = make_student()
     generator = torch.Generator().manual_seed(6)
     projector = {

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from promptclip.clip.model import CLIP, ArchConfig, VisionTransformer
+from promptclip.clip.model import CLIP, VisionTransformer
 from promptclip.clip.tokenizer import tokenize
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.methods.promptsrc import PromptSRC, PromptSRCConfig, gaussian_weights
@@ -18,15 +18,10 @@ from promptclip.methods.templates import IMAGENET_TEMPLATES
 NAMES = ["cat", "golden retriever", "tree"]
 
 
-def make_clip(seed: int = 0) -> CLIP:
-    arch = {
-        "name": "tiny-two-width",
-        "embed_dim": 24,
-        "vision": {"image_size": 32, "width": 48, "layers": 2, "heads": 2, "patch_size": 8},
-        "text": {"width": 32, "heads": 2, "layers": 2},
-    }
-    torch.manual_seed(seed)
-    return CLIP(ArchConfig.from_dict(arch))
+@pytest.fixture
+def clip(tiny_clips) -> CLIP:
+    """The two-width tiny CLIP (text 32, vision 48, 2 blocks per tower), random weights of seed 0."""
+    return tiny_clips.seeded(tiny_clips.two_width())
 
 
 def make_learner(clip: CLIP, **cfg: Any) -> PromptSRC:
@@ -72,9 +67,9 @@ def test_aggregation_weights_are_the_normalised_gaussian(epochs: int, mean: floa
         assert int(weights.argmax()) == round(mean) - 1
 
 
-def test_aggregate_is_the_weighted_mean_of_the_epoch_snapshots() -> None:
+def test_aggregate_is_the_weighted_mean_of_the_epoch_snapshots(clip) -> None:
     epochs = 6
-    learner = make_learner(make_clip(), gpa_mean=3.0, gpa_std=2.0)
+    learner = make_learner(clip, gpa_mean=3.0, gpa_std=2.0)
     snapshots = []
     for epoch in range(epochs):
         snapshots.append(randomise(learner, seed=epoch))
@@ -89,9 +84,8 @@ def test_aggregate_is_the_weighted_mean_of_the_epoch_snapshots() -> None:
         assert not torch.allclose(param, snapshots[-1][name], atol=1e-3)
 
 
-def test_a_resumed_run_aggregates_like_an_uninterrupted_one() -> None:
+def test_a_resumed_run_aggregates_like_an_uninterrupted_one(clip) -> None:
     epochs, interrupt = 5, 2
-    clip = make_clip()
     straight = make_learner(clip, gpa_mean=2.0, gpa_std=1.5)
     for epoch in range(epochs):
         randomise(straight, seed=10 + epoch)
@@ -116,16 +110,15 @@ def test_a_resumed_run_aggregates_like_an_uninterrupted_one() -> None:
         assert torch.allclose(resumed.trainable_parameters()[name], param, atol=1e-7), name
 
 
-def test_without_gpa_the_last_epoch_is_kept() -> None:
-    learner = make_learner(make_clip(), gpa=False)
+def test_without_gpa_the_last_epoch_is_kept(clip) -> None:
+    learner = make_learner(clip, gpa=False)
     last = randomise(learner, seed=1)
     learner.on_epoch_end(0, 1)
     assert all(torch.equal(p, last[n]) for n, p in learner.trainable_parameters().items())
     assert learner.training_state() == {}
 
 
-def test_loss_terms_match_their_definitions() -> None:
-    clip = make_clip()
+def test_loss_terms_match_their_definitions(clip) -> None:
     learner = make_learner(clip)
     randomise(learner, seed=3)
     data = make_batch(clip)
@@ -152,8 +145,7 @@ def test_loss_terms_match_their_definitions() -> None:
     assert not torch.allclose(other, ensemble, atol=1e-4)
 
 
-def test_frozen_text_ensemble_is_encoded_once_per_class_set() -> None:
-    clip = make_clip()
+def test_frozen_text_ensemble_is_encoded_once_per_class_set(clip) -> None:
     learner = make_learner(clip)
     calls = {"count": 0}
 
@@ -174,8 +166,7 @@ def test_frozen_text_ensemble_is_encoded_once_per_class_set() -> None:
     handle.remove()
 
 
-def test_frozen_image_features_come_from_the_one_clip_without_prompts() -> None:
-    clip = make_clip()
+def test_frozen_image_features_come_from_the_one_clip_without_prompts(clip) -> None:
     learner = make_learner(clip)
     towers = [m for m in learner.modules() if isinstance(m, VisionTransformer)]
     assert towers == [clip.visual]  # no second copy of the image tower
@@ -186,8 +177,7 @@ def test_frozen_image_features_come_from_the_one_clip_without_prompts() -> None:
     assert not torch.allclose(learner.image_features(images), plain, atol=1e-4)
 
 
-def test_regulariser_terms_do_not_reach_the_backbone() -> None:
-    clip = make_clip()
+def test_regulariser_terms_do_not_reach_the_backbone(clip) -> None:
     learner = make_learner(clip)
     data = make_batch(clip)
     learner.train()
@@ -199,13 +189,12 @@ def test_regulariser_terms_do_not_reach_the_backbone() -> None:
     assert all(p.grad is None for p in clip.parameters())
 
 
-def test_zero_weights_drop_their_terms() -> None:
-    clip = make_clip()
+def test_zero_weights_drop_their_terms(clip) -> None:
     learner = make_learner(clip, text_loss_weight=0.0, logits_loss_weight=0.0)
     data = make_batch(clip)
     assert set(learner.loss(data, learner(data))) == {"ce", "scl_image"}
 
 
-def test_bad_gpa_std_is_refused_at_construction() -> None:
+def test_bad_gpa_std_is_refused_at_construction(clip) -> None:
     with pytest.raises(ValueError, match="gpa_std"):
-        make_learner(make_clip(), gpa_std=0.0)
+        make_learner(clip, gpa_std=0.0)

@@ -156,7 +156,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:.*looks like a TorchScript archive:UserWarning")
 def test_a_torchscript_archive_as_a_checkpoint_or_prompt_is_not_compiled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_clip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opened: list[str] = []
     monkeypatch.setattr(torch.jit, "load", lambda *args, **kwargs: opened.append(str(args[0])))
@@ -174,16 +174,16 @@ def test_a_torchscript_archive_as_a_checkpoint_or_prompt_is_not_compiled(
     from promptclip.methods.base import PromptModel
 
     with pytest.raises(ValueError, match="not a readable prompt file"):
-        PromptModel.from_pretrained(load_clip("tiny-vit", weights="random"), prompt)
+        PromptModel.from_pretrained(tiny_clip, prompt)
     assert opened == []
 
 
-def test_a_prompt_folder_holding_a_pickle_is_refused(tmp_path: Path) -> None:
+def test_a_prompt_folder_holding_a_pickle_is_refused(tiny_clip, tmp_path: Path) -> None:
     from promptclip.methods.base import PromptModel
     from promptclip.methods.coop import CoOp, CoOpConfig
 
     marker = tmp_path / "code_ran"
-    clip = load_clip("tiny-vit", weights="random")
+    clip = tiny_clip
     CoOp(clip, ["a", "b"], CoOpConfig(n_ctx=2)).save_pretrained(tmp_path / "prompt")
     evil_torch_file(tmp_path / "prompt" / "prompt.safetensors", marker, {"ctx": torch.zeros(2, 64)})
     with pytest.raises(ValueError, match="not a readable prompt file"):
@@ -191,13 +191,13 @@ def test_a_prompt_folder_holding_a_pickle_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-def test_an_original_prompt_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+def test_an_original_prompt_file_that_would_run_code_is_refused(tiny_clip, tmp_path: Path) -> None:
     from promptclip.methods.official import OfficialCheckpointError, load_official_prompt
 
     marker = tmp_path / "code_ran"
     path = evil_torch_file(tmp_path / "model.pth.tar-5", marker, {"state_dict": {"ctx": torch.zeros(4, 64)}})
     with pytest.raises(OfficialCheckpointError, match=str(path)):
-        load_official_prompt(path, load_clip("tiny-vit", weights="random"), ["a", "b"])
+        load_official_prompt(path, tiny_clip, ["a", "b"])
     assert not marker.exists()
 
 
@@ -218,7 +218,7 @@ def test_a_recipe_that_would_run_code_is_refused(tmp_path: Path, capsys) -> None
     assert not marker.exists()
 
 
-def test_train_resume_and_eval_unpickle_nothing_but_plain_data(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_train_resume_and_eval_unpickle_nothing_but_plain_data(tiny_clip, tmp_path: Path, monkeypatch, capsys) -> None:
     """A whole train, resume and eval cycle with unrestricted unpickling and TorchScript made impossible."""
     import pickle
 
@@ -231,7 +231,7 @@ def test_train_resume_and_eval_unpickle_nothing_but_plain_data(tmp_path: Path, m
 
     from promptclip.clip.weights import save_clip
 
-    weights = save_clip(load_clip("tiny-vit", weights="random"), tmp_path / "tiny-vit.safetensors")
+    weights = save_clip(tiny_clip, tmp_path / "tiny-vit.safetensors")
     monkeypatch.setattr(pickle, "Unpickler", Refuse)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)

@@ -27,7 +27,7 @@ from speed_paths import (
 )
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.weights import load_clip
+from promptclip.clip.weights import arch_config
 from promptclip.data.datasets.base import DatasetSplits, Datum
 from promptclip.data.loader import build_loader
 from promptclip.engine.evaluate import ImageFeatureCache, evaluate
@@ -35,14 +35,7 @@ from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
 
 NAMES = ["cat", "golden retriever", "red fox", "sports car", "tree frog", "apple pie", "hot air balloon"]
-_CLIPS: dict[int, CLIP] = {}
-
-
-def tiny_clip(seed: int = 0) -> CLIP:
-    if seed not in _CLIPS:
-        torch.manual_seed(seed)
-        _CLIPS[seed] = load_clip("tiny-vit", weights="random")
-    return _CLIPS[seed]
+IMAGE_SIZE = arch_config("tiny-vit").vision.image_size
 
 
 TEXT_LEARNERS: dict[str, dict[str, Any]] = {
@@ -57,15 +50,20 @@ TEXT_LEARNERS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(name: str, names: list[str] = NAMES, seed: int = 0, **cfg: Any) -> PromptModel:
-    method = name.split("-")[0]
-    torch.manual_seed(seed)
-    return get_prompt_model(tiny_clip(), {"method": method, **TEXT_LEARNERS.get(name, {}), **cfg}, names)
+@pytest.fixture
+def build(tiny_clip: CLIP) -> Callable[..., PromptModel]:
+    """build(name, names, seed, **cfg): the learner `name` (a key of TEXT_LEARNERS or a method) on tiny_clip."""
+
+    def make(name: str, names: list[str] = NAMES, seed: int = 0, **cfg: Any) -> PromptModel:
+        method = name.split("-")[0]
+        torch.manual_seed(seed)
+        return get_prompt_model(tiny_clip, {"method": method, **TEXT_LEARNERS.get(name, {}), **cfg}, names)
+
+    return make
 
 
 def images(count: int, seed: int = 0) -> torch.Tensor:
-    size = tiny_clip().image_size
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
 
 
 def gradients(learner: PromptModel, loss: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,7 +85,7 @@ def assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("name", list(TEXT_LEARNERS))
-def test_cut_text_sequences_give_the_full_context_features(name: str) -> None:
+def test_cut_text_sequences_give_the_full_context_features(build, name: str) -> None:
     learner = build(name)
     with torch.no_grad():
         cut = learner.compute_text_features()
@@ -97,7 +95,7 @@ def test_cut_text_sequences_give_the_full_context_features(name: str) -> None:
     torch.testing.assert_close(cut, full, rtol=0, atol=2e-6)
 
 
-def test_cocoop_cut_prompts_give_the_full_context_logits() -> None:
+def test_cocoop_cut_prompts_give_the_full_context_logits(build) -> None:
     learner = build("cocoop")
     batch = {"image": images(3)}
     with torch.no_grad():
@@ -110,7 +108,7 @@ def test_cocoop_cut_prompts_give_the_full_context_logits() -> None:
 # -- class features cached at evaluation --------------------------------------------------------------------
 
 
-def test_cached_class_features_equal_encoding_them_for_every_batch() -> None:
+def test_cached_class_features_equal_encoding_them_for_every_batch(build) -> None:
     learner = build("coop").eval()
     batches = [{"image": images(4, seed=s)} for s in range(3)]
     with torch.no_grad():
@@ -127,11 +125,11 @@ def noise_splits(per_class: int = 3) -> DatasetSplits:
     return DatasetSplits("noise", None, list(NAMES), "a photo of a {}.", [], [], test, reader=NoiseReader(size=20))
 
 
-def test_stored_image_features_give_the_same_counts_without_reading_images() -> None:
+def test_stored_image_features_give_the_same_counts_without_reading_images(build, tiny_clip) -> None:
     splits = noise_splits()
-    loader = build_loader(splits, "test", batch_size=4, train=False, image_size=tiny_clip().image_size)
+    loader = build_loader(splits, "test", batch_size=4, train=False, image_size=tiny_clip.image_size)
     cache = ImageFeatureCache()
-    store = cache.store(tiny_clip(), "noise", "fp32", "cpu")
+    store = cache.store(tiny_clip, "noise", "fp32", "cpu")
     reads_with_store = 0
     for name in ("zeroshot", "coop", "kgcoop", "deep_lang"):
         learner = build(name)
@@ -148,10 +146,10 @@ def test_stored_image_features_give_the_same_counts_without_reading_images() -> 
     assert cache.misses == len(splits.test) and cache.hits == 7 * len(splits.test)
 
 
-def test_learners_with_trainable_image_sides_are_never_served_from_the_store() -> None:
+def test_learners_with_trainable_image_sides_are_never_served_from_the_store(build, tiny_clip) -> None:
     splits = noise_splits(per_class=1)
-    loader = build_loader(splits, "test", batch_size=4, train=False, image_size=tiny_clip().image_size)
-    store = ImageFeatureCache().store(tiny_clip(), "noise", "fp32", "cpu")
+    loader = build_loader(splits, "test", batch_size=4, train=False, image_size=tiny_clip.image_size)
+    store = ImageFeatureCache().store(tiny_clip, "noise", "fp32", "cpu")
     learners = [build("ivlp"), build("cocoop"), wrap_with_plugins(build("coop"), {"dapt": {}})]
     for learner in learners:
         assert not learner.cacheable_image_features
@@ -159,26 +157,26 @@ def test_learners_with_trainable_image_sides_are_never_served_from_the_store() -
     assert len(store) == 0
 
 
-def test_stores_are_kept_apart_by_backbone_data_and_precision() -> None:
+def test_stores_are_kept_apart_by_backbone_data_and_precision(tiny_clip, tiny_clips) -> None:
     cache = ImageFeatureCache()
-    store = cache.store(tiny_clip(), "noise", "fp32", "cpu")
-    assert cache.store(tiny_clip(), "noise", "fp32", "cpu") is store
+    store = cache.store(tiny_clip, "noise", "fp32", "cpu")
+    assert cache.store(tiny_clip, "noise", "fp32", "cpu") is store
     others = [
-        cache.store(tiny_clip(seed=1), "noise", "fp32", "cpu"),  # other weights, same architecture
-        cache.store(tiny_clip(), "other data", "fp32", "cpu"),
-        cache.store(tiny_clip(), "noise", "bf16", "cpu"),
+        cache.store(tiny_clips("tiny-vit", 1), "noise", "fp32", "cpu"),  # other weights, same architecture
+        cache.store(tiny_clip, "other data", "fp32", "cpu"),
+        cache.store(tiny_clip, "noise", "bf16", "cpu"),
     ]
     assert all(other is not store for other in others) and len({id(o) for o in others}) == 3
 
 
-def test_the_cache_drops_the_stores_used_longest_ago() -> None:
+def test_the_cache_drops_the_stores_used_longest_ago(tiny_clip) -> None:
     cache = ImageFeatureCache(max_images=5)
-    old = cache.store(tiny_clip(), "old", "fp32", "cpu")
+    old = cache.store(tiny_clip, "old", "fp32", "cpu")
     old.put([f"a{i}" for i in range(4)], torch.zeros(4, 8))
-    new = cache.store(tiny_clip(), "new", "fp32", "cpu")
+    new = cache.store(tiny_clip, "new", "fp32", "cpu")
     new.put([f"b{i}" for i in range(4)], torch.zeros(4, 8))
     assert cache.num_images == 4 and len(new) == 4
-    assert cache.store(tiny_clip(), "old", "fp32", "cpu") is not old
+    assert cache.store(tiny_clip, "old", "fp32", "cpu") is not old
 
 
 # -- class chunks with activation checkpointing ---------------------------------------------------------------
@@ -190,7 +188,7 @@ def text_loss(learner: PromptModel) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["coop", "maple", "deep_lang", "ivlp"])
-def test_checkpointed_chunks_give_the_gradients_of_one_pass(name: str) -> None:
+def test_checkpointed_chunks_give_the_gradients_of_one_pass(build, name: str) -> None:
     whole = build(name).train()
     chunked = build(name, text_chunk_size=3).train()
     checkpointed = build(name, text_chunk_size=3, text_checkpoint=True).train()
@@ -215,7 +213,7 @@ def saved_activation_bytes(run: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def test_checkpointing_keeps_a_chunk_of_activations_instead_of_all_classes() -> None:
+def test_checkpointing_keeps_a_chunk_of_activations_instead_of_all_classes(build) -> None:
     names = [f"class {i}" for i in range(24)]
     plain = build("coop", names=names, text_chunk_size=4).train()
     checkpointed = build("coop", names=names, text_chunk_size=4, text_checkpoint=True).train()
@@ -224,7 +222,7 @@ def test_checkpointing_keeps_a_chunk_of_activations_instead_of_all_classes() -> 
     assert kept_checkpointed * 4 < kept_plain
 
 
-def test_cocoop_checkpointed_chunks_give_the_same_gradients() -> None:
+def test_cocoop_checkpointed_chunks_give_the_same_gradients(build) -> None:
     batch = {"image": images(3), "label": torch.tensor([0, 2, 5])}
     plain = build("cocoop", text_chunk_size=None).train()
     checkpointed = build("cocoop", text_chunk_size=5, text_checkpoint=True).train()
@@ -235,7 +233,7 @@ def test_cocoop_checkpointed_chunks_give_the_same_gradients() -> None:
 # -- batched CoCoOp -------------------------------------------------------------------------------------------
 
 
-def test_batched_cocoop_equals_the_one_image_loop() -> None:
+def test_batched_cocoop_equals_the_one_image_loop(build) -> None:
     batch = {"image": images(4), "label": torch.tensor([0, 1, 6, 3])}
     batched, looped = build("cocoop").train(), build("cocoop").train()
     output = batched(batch)
@@ -250,7 +248,7 @@ def test_batched_cocoop_equals_the_one_image_loop() -> None:
 # -- DAPT: three views in one pass -----------------------------------------------------------------------------
 
 
-def test_dapt_one_batched_pass_equals_three_passes() -> None:
+def test_dapt_one_batched_pass_equals_three_passes(build) -> None:
     batch = {
         "image": images(3),
         "label": torch.tensor([0, 4, 2]),
@@ -271,8 +269,8 @@ def test_dapt_one_batched_pass_equals_three_passes() -> None:
 # -- DPC: stage-1 class features encoded once -----------------------------------------------------------------
 
 
-def test_dpc_ranking_from_cached_features_equals_encoding_them_every_step() -> None:
-    learner = dpc_builder("coop", {"n_ctx": 4})(tiny_clip(), NAMES, "a photo of a {}.")
+def test_dpc_ranking_from_cached_features_equals_encoding_them_every_step(tiny_clip) -> None:
+    learner = dpc_builder("coop", {"n_ctx": 4})(tiny_clip, NAMES, "a photo of a {}.")
     learner.train()
     batch = images(5)
     cached = [learner.stage1_scores(batch) for _ in range(2)]
