@@ -32,8 +32,9 @@ def write_lock(run_dir: Path, **changes: object) -> Path:
 
 @pytest.fixture
 def sleeper():
-    """A live process that is not this one."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    """A live process that is not this one. It sleeps far longer than any test takes, even on a loaded machine
+    (a sleeper that exits mid-test would make its lock stale); the fixture ends it."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     yield process
     process.kill()
     process.wait()
@@ -126,25 +127,30 @@ def test_a_take_over_never_removes_a_lock_taken_meanwhile(tmp_path: Path, sleepe
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
 
 
-def _try_lock(folder: str, start: float, results) -> None:
-    while time.time() < start:
-        time.sleep(0.001)
+# Generous for a handful of forked processes on a loaded machine; only a hang reaches it.
+WORKER_TIMEOUT_S = 300
+
+
+def _try_lock(folder: str, start, results, release) -> None:
+    start.wait(WORKER_TIMEOUT_S)  # all try at once
     lock = RunLock(folder)
     results.put(lock.acquire())
-    time.sleep(0.5)  # hold it while the others try
+    release.wait(WORKER_TIMEOUT_S)  # the winner holds the lock until every process has tried, however slow
 
 
 def test_exactly_one_of_many_processes_takes_a_stale_lock(tmp_path: Path) -> None:
     write_lock(tmp_path, pid=dead_pid(), process_start=None)
     context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    start = time.time() + 0.5
-    workers = [context.Process(target=_try_lock, args=(str(tmp_path), start, results)) for _ in range(6)]
+    results, start, release = context.Queue(), context.Barrier(6), context.Event()
+    workers = [context.Process(target=_try_lock, args=(str(tmp_path), start, results, release)) for _ in range(6)]
     for worker in workers:
         worker.start()
-    outcomes = [results.get(timeout=30) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=30)
+    try:
+        outcomes = [results.get(timeout=WORKER_TIMEOUT_S) for _ in workers]
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(timeout=WORKER_TIMEOUT_S)
     assert sorted(outcomes) == [False] * 5 + [True]
 
 
