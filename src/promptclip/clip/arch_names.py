@@ -81,7 +81,13 @@ def canonical_name(name: str) -> str | None:
 def arch_config(name: str | os.PathLike[str]) -> ArchConfig:
     """The ArchConfig of a known architecture name, a bundled model, or an architecture JSON file."""
     if str(name).endswith(".json") and Path(name).is_file():
-        return ArchConfig.from_json(Path(name))
+        try:
+            return ArchConfig.from_json(Path(name))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # JSONDecodeError is a ValueError
+            raise WeightsError(
+                f"{name}: not an architecture file ({type(err).__name__}: {err}); copy one of "
+                "promptclip/clip/archs/*.json and edit its values"
+            ) from None
     known = canonical_name(str(name))
     if known is None:
         raise WeightsError(f"unknown architecture {str(name)!r}; known: {', '.join(available_archs())}")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 
 from promptclip.commands.run import user_errors
+from promptclip.errors import CLIError
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -91,6 +92,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from promptclip.runs.inputs import DatasetCache, resolve_device
 
     prompt_dir = Path(args.prompt) if args.prompt else None
+    if prompt_dir is not None and not prompt_dir.is_dir():
+        raise CLIError(f"--prompt {prompt_dir}: no such folder; give a saved prompt folder (a run's prompt/)")
     with user_errors():
         device = resolve_device(args.device)
         arch, weights = backbone_source(prompt_dir, args.arch, args.weights)

@@ -116,9 +116,11 @@ def datasets_identity(cfg: RunConfig, datasets: list[str]) -> dict[str, dict[str
 def backbone_identity(cfg: RunConfig) -> dict[str, Any]:
     """`arch` and `weights_sha256` of the backbone `cfg.model` names, found before loading it (the weights
     are hashed once per file and process; None for random weights, drawn from a fixed seed)."""
-    from promptclip.clip.weights import RANDOM_WEIGHTS, canonical_name, weights_files
+    from promptclip.clip.weights import RANDOM_WEIGHTS, arch_config, canonical_name, weights_files
 
     arch = canonical_name(cfg.model.arch) or cfg.model.arch
+    if arch.endswith(".json"):
+        arch = arch_config(arch).name  # an architecture file: read (and checked) now, before any work
     if cfg.model.weights == RANDOM_WEIGHTS:
         return {"arch": arch, "weights_sha256": None}
     files = weights_files(cfg.model.arch, cfg.model.weights)
