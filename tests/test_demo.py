@@ -30,12 +30,24 @@ def test_demo_prints_the_table_and_writes_it_with_a_plot(tmp_path: Path, capsys:
     assert (out / "base2new_shots16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_refuses_runs_of_another_clip_in_its_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_on_another_clip_keeps_both_and_shows_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--methods", "zeroshot", *SMOKE]) == 0
     smoke_on_other_arch = [*SMOKE[:1], "tiny-rn", *SMOKE[2:]]
-    assert main(["demo", "--out", str(out), "--methods", "zeroshot", *smoke_on_other_arch]) == 2
-    assert "another --out" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--methods", "zeroshot", *smoke_on_other_arch]) == 0
+    printed = capsys.readouterr().out
+    assert "Backbone: tiny-rn (random)." in printed and "tiny-vit" not in printed  # this call's runs only
+    assert main(["report", str(out), "--no-plots", "--format", "md"]) == 0
+    report = capsys.readouterr().out
+    assert "| zeroshot (backbone.arch=tiny-rn)  | synthetic_shapes | tiny-rn (random)  |" in report
+    assert "| zeroshot (backbone.arch=tiny-vit) | synthetic_shapes | tiny-vit (random) |" in report
+
+
+def test_demo_runs_go_to_their_own_folder() -> None:
+    from promptclip.commands.demo import DEFAULT_OUT
+
+    assert DEFAULT_OUT.parts[0] != "runs"  # `promptclip report runs/` must not mix demo runs in
 
 
 def test_demo_names_the_methods_it_knows(capsys: pytest.CaptureFixture[str]) -> None:

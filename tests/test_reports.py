@@ -15,7 +15,6 @@ from PIL import Image
 from promptclip.cli import main
 from promptclip.commands.report import generate_report
 from promptclip.reports.collect import (
-    Counts,
     ResultFileError,
     ResultIndex,
     collect_runs,
@@ -33,6 +32,7 @@ from promptclip.reports.tables import (
     render_csv,
     render_markdown,
 )
+from promptclip.runs.results import Evaluation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -84,10 +84,13 @@ def tables_of(root: Path, options: TableOptions | None = None) -> dict[str, Tabl
     return {table.name: table for table in build_tables(ResultIndex(collect_runs(root).runs), options)}
 
 
-def markdown_row(markdown: str, label: str) -> list[str]:
-    """The cells (label excluded) of the markdown table row that starts with `label`."""
-    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} "))
-    return [text.strip() for text in line.strip().strip("|").split("|")][1:]
+def markdown_row(markdown: str, *labels: str) -> list[str]:
+    """The cells (labels excluded) of the markdown table row whose first cells are `labels`."""
+    for line in markdown.splitlines():
+        cells = [text.strip() for text in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[: len(labels)] == list(labels):
+            return cells[len(labels) :]
+    raise AssertionError(f"no row {labels} in:\n{markdown}")
 
 
 def parse_csv(text: str) -> list[dict[str, str]]:
@@ -96,7 +99,7 @@ def parse_csv(text: str) -> list[dict[str, str]]:
 
 # -- counts and statistics ----------------------------------------------------------------------------------
 def test_micro_and_macro_accuracy_come_from_counts() -> None:
-    counts = Counts(correct=(90, 1), total=(100, 10))
+    counts = Evaluation("dtd", "all", "test", correct=(90, 1), total=(100, 10))
     assert counts.accuracy == pytest.approx(100 * 91 / 110)
     assert counts.macro_accuracy == pytest.approx(100 * (0.9 + 0.1) / 2)
 
@@ -364,17 +367,26 @@ def test_corrupt_and_partial_files_are_skipped_with_a_warning(tmp_path: Path, ca
     captured = capsys.readouterr()
     assert f"skipped: {truncated}: is not valid JSON" in captured.err
     assert f"skipped: {no_counts}: evaluations.base.total should be a list of integers" in captured.err
-    assert markdown_row(captured.out, "DTD") == ["80.00", "60.00", "68.57"]
+    assert markdown_row(captured.out, "coop", "DTD") == ["80.00", "60.00", "68.57"]
     assert "base2new/dtd/coop/vit_b16/shots16/seed2/results.json: is not valid JSON" in captured.out
+    # The fix is named: move the damaged file aside and run the same command again.
+    assert "move it aside" in captured.err and "run the same command again" in captured.err
 
 
-def test_duplicate_runs_of_one_seed_keep_the_first(tmp_path: Path) -> None:
+def test_two_runs_folders_with_the_same_key_show_both(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Schema-1 files (no identity) of the same method, recipe and seed in two runs folders: two series,
+    # labelled by their runs folder; neither is dropped.
     write_run(tmp_path / "a", "base2new", "dtd", "coop", 1, {"base": acc(800), "new": acc(600)})
     write_run(tmp_path / "b", "base2new", "dtd", "coop", 1, {"base": acc(100), "new": acc(100)})
-    index = ResultIndex(collect_runs(tmp_path).runs)
-    assert len(index.problems) == 1 and "same run and seed" in index.problems[0].message
+    index = ResultIndex(collect_runs([tmp_path / "a", tmp_path / "b"]).runs)
+    assert index.problems == []
     table = build_tables(index)[0]
-    assert table.cell("dtd", "coop Base").mean == pytest.approx(80.0)
+    assert table.cell("dtd", "coop (a) Base").mean == pytest.approx(80.0)
+    assert table.cell("dtd", "coop (b) Base").mean == pytest.approx(10.0)
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--no-plots", "--out", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert markdown_row(out, "coop (a)", "DTD") == ["80.00", "60.00", "68.57"]
+    assert markdown_row(out, "coop (b)", "DTD") == ["10.00", "10.00", "10.00"]
 
 
 def test_no_results_is_an_error_naming_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -400,8 +412,16 @@ def test_report_command_writes_markdown_csv_and_valid_pngs(tmp_path: Path, capsy
     stdout = capsys.readouterr().out
     assert "### Base-to-novel generalisation (16 shots)" in stdout
     assert stdout == (out / "report.md").read_text() + "\n"
-    expected_csv = {"base2new_shots16", "few_shot_average", "few_shot_coop", "few_shot_cocoop", "runs"}
+    expected_csv = {"base2new_shots16", "base2new_shots16_average", "few_shot", "few_shot_average", "runs"}
     assert {p.stem for p in out.glob("*.csv")} == expected_csv
+    long_rows = parse_csv((out / "base2new_shots16.csv").read_text())
+    assert [(row["method"], row["dataset"]) for row in long_rows] == [
+        ("cocoop", "dtd"),
+        ("cocoop", "eurosat"),
+        ("coop", "dtd"),
+        ("coop", "eurosat"),
+    ]
+    assert float(long_rows[2]["Base"]) == 80.0 and long_rows[2]["Base std"] == "0.00"
     runs_rows = parse_csv((out / "runs.csv").read_text())
     assert len(runs_rows) == 2 * 2 * 2 * (2 + 3)
     assert runs_rows[0]["path"].startswith("base2new/")
