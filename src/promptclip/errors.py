@@ -22,7 +22,7 @@ class CLIError(Exception):
 # (module, class name, hint added to the message)
 _USER_ERRORS = (
     ("promptclip.config", "ConfigError", ""),
-    ("promptclip.data.datasets.base", "DatasetError", ""),
+    ("promptclip.data.datasets.core", "DatasetError", ""),
     ("promptclip.engine.checkpoint", "CheckpointError", ""),
     ("promptclip.protocols.spec", "ProtocolError", ""),
     ("promptclip.runs.errors", "RunError", ""),
