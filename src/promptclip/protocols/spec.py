@@ -194,7 +194,6 @@ def check_dataset_options(cfg: RunConfig, datasets: Sequence[str]) -> None:
         )
 
 
-
 def single_run_spec(cfg: RunConfig, recipe: str, runs_dir: str | Path, run_dir: str | Path | None = None) -> RunSpec:
     """The spec of `promptclip train`: one run on `cfg.data` (its dataset, shots, class subset), evaluated
     on the test split of the classes it trained on, and on the new half too when it trained on the base half.
