@@ -155,8 +155,38 @@ CASES += [
         "unclear",
         results_damaged,
         2,
-        ("results.json", "move it aside", "run the same command again"),
+        ("results.json", "damaged", "--resume"),
         may_write=("report",),
+    ),
+]
+
+
+def damaged_results_then(*extra: str) -> object:
+    def setup(tmp: Path) -> list[str]:
+        from promptclip.cli import main
+
+        assert main(train()(tmp)) == 0  # type: ignore[operator]
+        (tmp / "run" / "results.json").write_text('{"schema": 2, "evalu')  # cut by a crash or a full disk
+        return train(*extra)(tmp)  # type: ignore[operator]
+
+    return setup
+
+
+def _redone_and_kept(tmp: Path, output: str) -> None:
+    assert json.loads((tmp / "run" / "results.json").read_text())["evaluations"]
+    (kept,) = (tmp / "run").glob("results.json.damaged-*")
+    assert kept.read_text() == '{"schema": 2, "evalu'
+
+
+CASES += [
+    Case("damaged-results-refused-without-resume", "unclear", damaged_results_then(), 2, ("damaged", "--resume")),
+    Case(
+        "damaged-results-redone-with-resume",
+        "unclear",
+        damaged_results_then("--resume"),
+        0,
+        may_write=("run",),
+        check=_redone_and_kept,
     ),
 ]
 

@@ -148,11 +148,14 @@ def _execute_locked(planned: PlannedRun, options: RunOptions, lock: RunLock) -> 
 
     started = time.perf_counter()
     run_dir = planned.run_dir
+    damaged = run_dir.set_aside_damaged_results()
     run_dir.start(planned.identity)
     atomic_write_text(run_dir.config, config_text(planned.cfg))
     with RunLog(run_dir.log, echo=options.echo) as log:
         log(f"== {planned.spec.describe()}")
         log(f"run folder: {run_dir.path} (run {planned.identity.run_id[:12]})")
+        if damaged is not None:
+            log(f"the damaged results.json of an earlier attempt is kept as {damaged.name}")
         if lock.took_over is not None:
             log(f"took over the lock left by {lock.took_over.describe()}, which is no longer running")
         for folder in (run_dir.path, run_dir.checkpoints, run_dir.prompt):

@@ -197,8 +197,8 @@ def read_results(path: str | Path) -> RunResults:
         raise ResultFileError(f"cannot be read ({err})") from None
     except json.JSONDecodeError as err:
         raise ResultFileError(
-            f"is not valid JSON ({err}): the file is damaged; move it aside (or delete it) and run the same "
-            "command again to redo that run"
+            f"is not valid JSON ({err}): the file is damaged; run the command that made the run again with "
+            "--resume: it evaluates the run again from its checkpoint and keeps the damaged file beside it"
         ) from None
     return RunResults.from_json(data, path)
 

@@ -102,7 +102,25 @@ class RunDir:
 
     @property
     def finished(self) -> bool:
-        return self.results.is_file()
+        """results.json is there and readable (a damaged one, cut by a crash or a full disk, is not)."""
+        return self.results.is_file() and not self.results_damaged()
+
+    def results_damaged(self) -> bool:
+        if not self.results.is_file():
+            return False
+        try:
+            data = json.loads(self.results.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return True
+        return not isinstance(data, dict) or not isinstance(data.get("evaluations"), dict)
+
+    def set_aside_damaged_results(self) -> Path | None:
+        """Rename a damaged results.json to `results.json.damaged-<time>` (kept; the run writes a new one)."""
+        if not self.results_damaged():
+            return None
+        target = self.results.with_name(f"{RESULTS_FILE}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(self.results, target)
+        return target
 
     # -- what the folder holds -------------------------------------------------------------------------------
     def entries(self) -> list[str]:
@@ -133,7 +151,7 @@ class RunDir:
             return RunState.EMPTY
         if self.path.is_symlink() or any((self.path / e).is_symlink() for e in entries):
             return RunState.FOREIGN  # a run never writes through a link: it could point outside the folder
-        if any(e not in LAYOUT for e in entries if not e.startswith(".")):
+        if any(e not in LAYOUT and not e.startswith(f"{RESULTS_FILE}.damaged-") for e in entries if e[0] != "."):
             return RunState.FOREIGN
         recorded = self.recorded_identity()
         if recorded is None:
@@ -170,9 +188,10 @@ class RunDir:
     def _refusal(self, state: RunState) -> str:
         fix_new = "choose another folder (--output), or add --overwrite to move this one aside and start again"
         if state is RunState.INTERRUPTED:
+            damaged = " and a damaged results.json" if self.results_damaged() else ""
             return (
-                f"{self.path}: holds an interrupted run of this configuration ({self._progress()}); add --resume "
-                f"to continue it, or --overwrite to move it aside and start again"
+                f"{self.path}: holds an interrupted run of this configuration ({self._progress()}{damaged}); add "
+                "--resume to continue it, or --overwrite to move it aside and start again"
             )
         if state is RunState.OTHER:
             recorded = self.recorded_identity()
