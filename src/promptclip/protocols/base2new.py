@@ -60,4 +60,3 @@ def expand(cfg: RunConfig, sweep: Sweep) -> list[RunSpec]:
                     )
                 )
     return specs
-
