@@ -16,7 +16,8 @@ import pytest
 
 from promptclip.cli import main
 from promptclip.commands.report import generate_report
-from promptclip.reports.collect import ResultIndex, collect_runs, read_result
+from promptclip.reports.collect import collect_runs, read_result
+from promptclip.reports.index import ResultIndex
 from promptclip.reports.plots import (
     MAX_DRAWN_CLASSES,
     bar_panels,

@@ -14,14 +14,8 @@ from PIL import Image
 
 from promptclip.cli import main
 from promptclip.commands.report import generate_report
-from promptclip.reports.collect import (
-    ResultFileError,
-    ResultIndex,
-    collect_runs,
-    harmonic_mean,
-    read_result,
-    summarize,
-)
+from promptclip.reports.collect import ResultFileError, collect_runs, harmonic_mean, read_result, summarize
+from promptclip.reports.index import ResultIndex
 from promptclip.reports.tables import (
     AVERAGE_KEY,
     DAGGER,

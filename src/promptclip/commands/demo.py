@@ -211,7 +211,8 @@ def run_demo(args: argparse.Namespace) -> int:
 def demo_table(runs_dir: Path, folders: Sequence[Path], order: Sequence[str] = (), title: str | None = None) -> Any:
     """The report's long base-to-novel table (one row per method and dataset, the average first when there
     are several datasets) of exactly the runs in `folders` (other runs in `runs_dir` are left out)."""
-    from promptclip.reports.collect import ResultIndex, collect_runs
+    from promptclip.reports.collect import collect_runs
+    from promptclip.reports.index import ResultIndex
     from promptclip.reports.tables import TableOptions, base2new_long_table
 
     wanted = {Path(folder).resolve() for folder in folders}

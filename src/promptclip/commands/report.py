@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from promptclip.io import atomic_write_text
-from promptclip.reports.collect import Problem, ResultIndex, collect_runs
+from promptclip.reports.collect import Problem, collect_runs
+from promptclip.reports.index import ResultIndex
 from promptclip.reports.tables import (
     LAYOUTS,
     Layout,

@@ -3,14 +3,14 @@
 from promptclip.reports.collect import (
     Backbone,
     Collection,
-    ResultIndex,
     RunResult,
-    Series,
     collect_runs,
     harmonic_mean,
     read_result,
     summarize,
 )
+from promptclip.reports.index import ResultIndex
+from promptclip.reports.series import Series
 from promptclip.reports.tables import (
     Table,
     TableOptions,

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from promptclip.io import atomic_write_bytes
-from promptclip.reports.collect import ZEROSHOT, ResultIndex, RunResult
+from promptclip.reports.collect import ZEROSHOT, RunResult
+from promptclip.reports.index import ResultIndex
 from promptclip.reports.tables import AVERAGE_KEY, DAGGER, Table, TableRow
 
 INSTALL_HINT = "pip install promptclip[report]"

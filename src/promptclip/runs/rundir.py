@@ -42,6 +42,8 @@ IDENTITY_FILE = "identity.json"
 CONFIG_FILE = "config.yaml"
 STAGE1_DIR = "stage1"
 VARIANT_FILE = "variant.json"
+REPLACED_MARK = ".replaced-"
+"""`move_aside` renames a folder `<name>.replaced-<time>`: the runs in such folders were replaced."""
 LAYOUT = frozenset(
     {CONFIG_FILE, IDENTITY_FILE, LOG_FILE, METRICS_FILE, CHECKPOINT_DIR, PROMPT_DIR, RESULTS_FILE, STAGE1_DIR}
     | {"tensorboard", ".lock"}
@@ -215,11 +217,11 @@ class RunDir:
         if not self.path.exists():
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        target = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        target = self.path.with_name(f"{self.path.name}{REPLACED_MARK}{stamp}")
         suffix = 1
         while target.exists():
             suffix += 1
-            target = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{suffix}")
+            target = self.path.with_name(f"{self.path.name}{REPLACED_MARK}{stamp}-{suffix}")
         os.replace(self.path, target)
         return target
 
