@@ -128,11 +128,13 @@ def row_values(table: Any) -> dict[tuple[str, str], list[float | None]]:
 
 
 # -- variants are never dropped ----------------------------------------------------------------------------------
+# The reference variant (the one in the recipe's own folder) goes by the method's name; every other variant is
+# labelled by the keys in which it differs from it.
 @pytest.mark.parametrize(
     ("changes", "labels"),
     [
-        ({"optim.lr": 0.5}, ("coop (optim.lr=0.002)", "coop (optim.lr=0.5)")),
-        ({"method_cfg.csc": True}, ("coop (method_cfg.csc=false)", "coop (method_cfg.csc=true)")),
+        ({"optim.lr": 0.5}, ("coop", "coop (optim.lr=0.5)")),
+        ({"method_cfg.csc": True}, ("coop", "coop (method_cfg.csc=true)")),
     ],
     ids=["learning-rate", "method-field"],
 )
@@ -160,7 +162,7 @@ def test_a_plugin_field_variant_is_labelled_by_that_field(tmp_path: Path) -> Non
     other = {**dpc, "plugins.dpc.omega_b": 0.3}
     write_result(tmp_path, base_new(70, 65), method="coop+dpc", changes=other, variant_folder=True)
     values = row_values(long_table(tmp_path)[0])
-    assert values[("coop+dpc (plugins.dpc.omega_b=0.1)", "dtd")][:2] == pytest.approx([80.0, 60.0])
+    assert values[("coop+dpc", "dtd")][:2] == pytest.approx([80.0, 60.0])
     assert values[("coop+dpc (plugins.dpc.omega_b=0.3)", "dtd")][:2] == pytest.approx([70.0, 65.0])
 
 
@@ -171,22 +173,22 @@ def test_other_backbone_weights_are_a_variant_named_by_their_fingerprint(tmp_pat
     table, _ = long_table(tmp_path)
     labels = {row.series for row in table.rows}
     # model.weights repeats the weights' difference: only the fingerprint names it.
-    assert labels == {"coop (backbone.weights_sha256=1a2b3c4d)", "coop (backbone.weights_sha256=9f8e7d6c)"}
+    assert labels == {"coop", "coop (backbone.weights_sha256=9f8e7d6c)"}
     assert table.extra_headers == ["Dataset", "Backbone"]
     backbones = {row.series: row.extra[1] for row in table.rows}
     assert backbones["coop (backbone.weights_sha256=9f8e7d6c)"] == "ViT-B/16 (9f8e7d6c)"
-    assert backbones["coop (backbone.weights_sha256=1a2b3c4d)"] == "ViT-B/16 (1a2b3c4d)"
+    assert backbones["coop"] == "ViT-B/16 (1a2b3c4d)"
 
 
 def test_the_same_recipe_on_two_backbones_is_labelled_by_the_arch_from_results(tmp_path: Path) -> None:
     write_result(tmp_path, base_new(80, 60))
     write_result(tmp_path, base_new(30, 25), arch="tiny-vit", sha=None, variant_folder=True)
     table, _ = long_table(tmp_path)
-    assert {row.series for row in table.rows} == {"coop (backbone.arch=ViT-B/16)", "coop (backbone.arch=tiny-vit)"}
+    assert {row.series for row in table.rows} == {"coop", "coop (backbone.arch=tiny-vit)"}
     markdown = render_markdown(table)
     # The recipe is named vit_b16, but the row of the tiny-vit runs says tiny-vit, with random weights.
     assert markdown_cells(markdown, "coop (backbone.arch=tiny-vit)")[:2] == ["DTD", "tiny-vit (random)"]
-    assert markdown_cells(markdown, "coop (backbone.arch=ViT-B/16)")[:2] == ["DTD", "ViT-B/16 (1a2b3c4d)"]
+    assert markdown_cells(markdown, "coop")[:2] == ["DTD", "ViT-B/16 (1a2b3c4d)"]
 
 
 def test_own_datasets_with_other_names_are_rows_and_one_name_for_two_datasets_is_split(tmp_path: Path) -> None:
@@ -302,7 +304,7 @@ def test_ten_methods_on_three_datasets_read_as_one_row_per_method_and_dataset(tm
         assert headers and max(len(h) for h in headers) <= MAX_HEADER
     assert "Backbone: ViT-B/16 (1a2b3c4d)." in report.markdown
     variant = "coop (method_cfg.n_ctx=16, optim.epochs=200, optim.lr=0.00123456789)"
-    assert (variant, "dtd") in pairs and ("coop (method_cfg.n_ctx=4, optim.epochs=10, optim.lr=0.002)", "dtd") in pairs
+    assert (variant, "dtd") in pairs and ("coop", "dtd") in pairs
 
 
 # -- plot data ----------------------------------------------------------------------------------------------------

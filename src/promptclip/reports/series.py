@@ -107,6 +107,22 @@ def _root_names(roots: Iterable[str]) -> dict[str, str]:
     return {r: (n if names.count(n) == 1 else r) for r, n in zip(roots, names, strict=True)}
 
 
+def _reference_values(runs: Sequence[RunResult], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of the reference variant, against which the others are labelled: the one that took the
+    recipe's own folder (a sweep gives later variants `<recipe>-<fingerprint>`), else the one with most runs."""
+    if not runs:
+        return {}
+    counts: dict[str, int] = defaultdict(int)
+    for run in runs:
+        counts[run.results.variant_id] += 1
+
+    def rank(run: RunResult) -> tuple[bool, int, str]:
+        return (run.recipe_folder != run.recipe, -counts[run.results.variant_id], run.results.variant_id)
+
+    values = _variant_values(min(runs, key=rank))
+    return {k: values[k] for k in keys if k in values}
+
+
 def _variant_series(method: str, recipe: str | None, runs: Sequence[RunResult]) -> dict[int, Series]:
     """Split one method (and recipe) into variants where a dataset and setting hold several identities; every
     run of the method is then labelled by the keys that tell those apart, so one variant is one series over
@@ -125,6 +141,7 @@ def _variant_series(method: str, recipe: str | None, runs: Sequence[RunResult]) 
     shared = [k for k in chosen if not _bound(k)]
     split_here = {cell: set(differing_keys(values)) for cell, values in identities.items()}
     root_names = _root_names(str(run.root) for run in runs if not run.identity)
+    reference = _reference_values([run for run in runs if run.identity], chosen)
     series_of: dict[int, Series] = {}
     for run in runs:
         if run.identity:
@@ -132,7 +149,9 @@ def _variant_series(method: str, recipe: str | None, runs: Sequence[RunResult]) 
             keys = sorted([*shared, *(k for k in chosen if _bound(k) and k in here)])
             values = _variant_values(run)
             variant = tuple(zip(keys, _project(values, keys), strict=True))
-            detail = variant_label(_shown_values(values), keys) if keys else ""
+            # Labelled by what sets it apart from the reference variant (which goes by the method's name).
+            own = [k for k in keys if _project(values, [k]) != _project(reference, [k])]
+            detail = variant_label(_shown_values(values), own) if own else ""
         else:
             variant = (("folder", str(run.root)), ("recipe folder", run.recipe_folder))
             parts = [root_names[str(run.root)]] if len(root_names) > 1 else []
