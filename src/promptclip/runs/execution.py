@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class RunOptions:
     tensorboard: bool = False
     echo: bool = True
     callbacks: Sequence[EpochCallback] = ()
+    allow_torchscript: bool = False
+    """The command line named the backbone's weights path (`--opts model.weights FILE`), so it may open a
+    TorchScript archive (with a warning); a path read from a recipe never does."""
     fewshot_cache_dir: Any = None
     image_features: ImageFeatureCache = field(default_factory=ImageFeatureCache)
     """Frozen image features of evaluation images, shared by the runs these options execute (a sweep's runs
@@ -179,11 +183,15 @@ def _execute_locked(planned: PlannedRun, options: RunOptions, lock: RunLock) -> 
 
 @contextlib.contextmanager
 def _library_messages_to(log: RunLog) -> Iterator[None]:
-    """Route the library's warnings (e.g. classes with fewer images than shots) into the run's log."""
+    """Route the library's warnings (e.g. classes with fewer images than shots) into the run's log; they
+    reach the terminal also when the log does not echo (--quiet)."""
 
     class Forward(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            log(f"{record.levelname.lower()}: {record.getMessage()}")
+            message = f"{record.levelname.lower()}: {record.getMessage()}"
+            log(message)
+            if not log.echo:
+                print(message, file=sys.stderr)
 
     logger = logging.getLogger("promptclip")
     handler = Forward(level=logging.WARNING)

@@ -72,7 +72,7 @@ class RunIdentity:
 
     @property
     def training_id(self) -> str:
-        return fingerprint({k: v for k, v in self.values.items() if k not in EVALUATION_KEYS})
+        return fingerprint({k: v for k, v in self.values.items() if not _evaluation_key(k)})
 
     @property
     def variant_values(self) -> dict[str, Any]:
@@ -80,6 +80,11 @@ class RunIdentity:
 
     def to_json(self) -> dict[str, Any]:
         return dict(sorted(self.values.items()))
+
+
+def _evaluation_key(key: str) -> bool:
+    """Keys that say what a run evaluates on, not how it trains: the protocol, the targets and their data."""
+    return key in EVALUATION_KEYS or key.startswith("targets.")
 
 
 def config_identity(cfg: RunConfig) -> dict[str, Any]:
@@ -97,6 +102,7 @@ def run_identity(
     dataset_name: str,
     datasets: Mapping[str, Mapping[str, Any]],
     backbone: Mapping[str, Any],
+    target_datasets: Mapping[str, Mapping[str, Any]] | None = None,
     ratio: float | None = None,
     selector: str | None = None,
     stage1: RunIdentity | None = None,
@@ -104,13 +110,16 @@ def run_identity(
     """The identity of one run of `cfg` (dataset, shots, class subset and seed filled in by the spec).
 
     `dataset_name` is the training data's name (an own dataset's `--name`); `datasets` holds the identity of
-    every dataset the run reads, independent of where it lives (`data.source.<dataset>.*`: name, options, the
-    content of files that options name); `backbone` holds `arch` and `weights_sha256`; `stage1` is the identity
+    the training data, independent of where it lives (`data.source.<dataset>.*`: name, options, the content of
+    files that options name), `target_datasets` that of the other datasets it evaluates on (`targets.data.*`);
+    `backbone` holds `arch` and `weights_sha256`; `stage1` is the identity
     of a run this one starts from (its keys go under `stage1.`)."""
     values = config_identity(cfg)
     values["data.dataset"] = dataset_name
     for dataset, identity in sorted(datasets.items()):
         values.update(flatten(dict(identity), f"data.source.{dataset}."))
+    for dataset, identity in sorted((target_datasets or {}).items()):
+        values.update(flatten(dict(identity), f"targets.data.{dataset}."))
     values.update({f"backbone.{k}": _json_value(v) for k, v in backbone.items()})
     values["protocol"] = protocol
     values["targets"] = [_json_value(dict(t)) for t in targets]

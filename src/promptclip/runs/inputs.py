@@ -4,6 +4,7 @@ and the check of every image before any work starts."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -96,29 +97,114 @@ def screen_run_images(
 
 def with_masks(splits: DatasetSplits, mask_config: Any, log: Callable[[str], None]) -> DatasetSplits:
     """Training splits carrying foreground masks (`RunNeeds.masks`): mask files on disk are found and checked
-    with the learner's mask settings (a missing or unusable mask stops here, listed); synthetic data bring
-    their own."""
+    with the learner's mask settings (a missing or unusable mask stops here, listed; empty and full masks are
+    counted and refused beyond the setting's limit, or given its fallback); synthetic data bring their own."""
     if splits.has_masks:
         return splits
-    from promptclip.data.masks import attach_masks, check_mask_files
+    from promptclip.data.masks import attach_masks, screen_masks
 
-    splits = attach_masks(splits, mask_config)
-    check_mask_files(splits)
-    log(f"masks: {splits.info.get('masks', 'attached')}")
+    splits, summary = screen_masks(attach_masks(splits, mask_config))
+    log(f"masks: {splits.info.get('masks', 'attached')}; {summary.describe()}")
     return splits
 
 
+def check_class_counts(spec: RunSpec, splits: DatasetSplits, datasets: DatasetCache) -> None:
+    """Every class subset the run trains or evaluates holds at least two classes (a base or new half of a
+    dataset of three classes or fewer does not): on one class any classifier scores 100%."""
+    from promptclip.data.fewshot import base_new_labels
+
+    source = datasets.get(spec.dataset)
+    if source.num_classes < 2:
+        where = f" in {source.root}" if source.root is not None else ""
+        found = f"only the class {source.classnames[0]!r}" if source.classnames else "no class"
+        raise RunError(
+            f"the {source.display_name} data{where} hold {found}; a classifier needs at least 2 classes (with one it "
+            "is right on every image, and its accuracy says nothing). Add the images of another class (for "
+            "--dataset folder, another sub-folder)"
+        )
+    if len(splits.classnames) < 2:
+        raise RunError(
+            f"the {spec.train_subsample} classes of {source.display_name} ({source.num_classes} classes) are "
+            f"{len(splits.classnames)}; a classifier needs at least 2. Train on all classes (--subsample all), or "
+            "use a dataset with at least 4 classes for base and new halves"
+        )
+    for target in spec.targets:
+        total = datasets.get(target.dataset).num_classes
+        count = len(base_new_labels(total, target.subsample))
+        if count < 2:
+            raise RunError(
+                f"evaluation {target.key}: the {target.subsample} classes of {target.dataset} ({total} classes) are "
+                f"{count}; on one class every prediction is right. Evaluate on all classes, or use a dataset with "
+                "at least 4 classes for base and new halves"
+            )
+
+
+# Cosine similarity above which two class prompts count as the same text (CLIP text features in float32).
+TIED_COSINE = 1.0 - 1e-6
+
+
+def tied_class_names(clip: CLIP, classnames: list[str], template: str) -> list[list[str]]:
+    """Groups of class names whose zero-shot prompts (`template`) get identical, or near-identical (cosine
+    above `TIED_COSINE`), text features from `clip`: one text encoding of the class names. Names outside the
+    backbone's vocabulary (zero embeddings in the bundled tiny CLIP) tie this way."""
+    from promptclip.methods.prompting import encode_templates
+
+    if len(classnames) < 2:
+        return []
+    try:
+        features = encode_templates(clip, classnames, template)
+    except ValueError:
+        return []  # a prompt too long for the context: the learner says so with its fix
+    similar = (features @ features.T) > TIED_COSINE
+    groups: list[list[str]] = []
+    seen: set[int] = set()
+    for label in range(len(classnames)):
+        if label in seen:
+            continue
+        members = [other for other in similar[label].nonzero().flatten().tolist() if other not in seen]
+        seen.update(members)
+        if len(members) > 1:
+            groups.append([classnames[other] for other in members])
+    return groups
+
+
+def warn_tied_class_names(clip: CLIP, splits: DatasetSplits, arch: str) -> list[list[str]]:
+    """Warn (the `promptclip` logger: the run's log and the terminal) about class names the backbone cannot
+    tell apart (`tied_class_names`); returns the groups."""
+    groups = tied_class_names(clip, splits.classnames, splits.template)
+    if groups:
+        shown = "; ".join(" = ".join(repr(name) for name in group) for group in groups[:10])
+        more = f"; and {len(groups) - 10} more groups" if len(groups) > 10 else ""
+        count = sum(len(group) for group in groups)
+        logging.getLogger("promptclip.runs").warning(
+            "%d of the %d class names of %s get identical text features from backbone %s (prompt %r): %s%s. Its "
+            "vocabulary does not tell these names apart (a word it never learned has no meaning to it; the bundled "
+            "tiny-synthetic knows only the synthetic world's words), so their prompts start out as one class. Use "
+            "a backbone that knows these words, or give the classes names it knows (--classnames FILE)",
+            count,
+            len(splits.classnames),
+            splits.display_name,
+            arch,
+            splits.template,
+            shown,
+            more,
+        )
+    return groups
+
+
 # -- the backbone and the loaders ---------------------------------------------------------------------------------
-def load_backbone(cfg: RunConfig, device: torch.device) -> CLIP:
+def load_backbone(cfg: RunConfig, device: torch.device, allow_torchscript: bool = False) -> CLIP:
     """The frozen CLIP of `cfg.model`. Random weights (tests, smoke runs) are drawn from a fixed seed, apart
-    from the global generators, so every run seed sees the same backbone."""
+    from the global generators, so every run seed sees the same backbone. `allow_torchscript`: the command
+    line named the weights path (`--opts model.weights`), so it may be a TorchScript archive; a path from a
+    recipe never opens one."""
     from promptclip.clip.weights import RANDOM_WEIGHTS, load_clip
 
     if cfg.model.weights == RANDOM_WEIGHTS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_BACKBONE_SEED)
             return load_clip(cfg.model.arch, cfg.model.weights, device=device)
-    return load_clip(cfg.model.arch, cfg.model.weights, device=device)
+    return load_clip(cfg.model.arch, cfg.model.weights, device=device, allow_torchscript=allow_torchscript)
 
 
 def train_loader(

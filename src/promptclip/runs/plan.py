@@ -67,7 +67,8 @@ def plan_run(spec: RunSpec, cfg: RunConfig) -> PlannedRun:
             {"key": t.key, "dataset": t.dataset, "subsample": t.subsample, "split": t.split} for t in spec.targets
         ],
         dataset_name=spec.folder_dataset,
-        datasets=datasets_identity(run_cfg, [spec.dataset, *(t.dataset for t in spec.targets)]),
+        datasets=datasets_identity(run_cfg, [spec.dataset]),
+        target_datasets=datasets_identity(run_cfg, [t.dataset for t in spec.targets if t.dataset != spec.dataset]),
         backbone=backbone_identity(run_cfg),
         ratio=spec.ratio,
         selector=spec.selector,

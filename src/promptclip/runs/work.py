@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from promptclip.clip.model import CLIP
+from promptclip.clip.tokenizer import TextTooLongError
 from promptclip.data.datasets import DatasetSplits
 from promptclip.data.fewshot import subsample_classes
 from promptclip.engine.checkpoint import seed_everything
@@ -24,11 +25,13 @@ from promptclip.runs.errors import RunError
 from promptclip.runs.evaluation import describe_counts, eval_subset_of, evaluate_target, to_evaluation
 from promptclip.runs.inputs import (
     DatasetCache,
+    check_class_counts,
     load_backbone,
     resolve_device,
     screen_run_images,
     train_loader,
     training_splits,
+    warn_tied_class_names,
     with_masks,
 )
 from promptclip.runs.plan import PlannedRun, reusable_prompt
@@ -54,10 +57,13 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
     splits, skipped = screen_run_images(
         spec, cfg, datasets, training_splits(source, spec, options.fewshot_cache_dir), log
     )
+    check_class_counts(spec, splits, datasets)
     stage1_dir = run_stage1(planned, options, log) if reused is None else None
     seed_everything(spec.seed)
-    clip = load_backbone(cfg, device)
+    clip = load_backbone(cfg, device, options.allow_torchscript)
     check_backbone_identity(planned, clip)
+    if is_main_process():
+        warn_tied_class_names(clip, splits, cfg.model.arch)
     selection = None
     if spec.ratio is not None:
         splits, selection = select_training_data(clip, splits, spec, cfg, device)
@@ -110,6 +116,8 @@ def build_learner(planned: PlannedRun, clip: CLIP, splits: DatasetSplits, contex
     cfg = planned.cfg
     try:
         return learner_for_run(clip, cfg, splits.classnames, splits.template, context)
+    except TextTooLongError:
+        raise  # a class name too long for the text encoder: its own message names the class and the fix
     except ValueError as err:
         raise RunError(
             f"{cfg.method} on {planned.spec.dataset} ({len(splits.classnames)} classes): {err}. Change the "
