@@ -101,8 +101,13 @@ def _execute_one(planned: PlannedRun, options: RunOptions) -> RunOutcome:
         folder = claim_recipe_folder(recipe_dir, planned.identity)
         run_dir = RunDir(folder / run_dir.path.parent.name / run_dir.path.name)
         planned = _with_run_dir(planned, run_dir)
-    if run_dir.state(planned.identity) in (RunState.OTHER, RunState.FOREIGN, RunState.INTERRUPTED, RunState.FINISHED):
-        _check_or_move(planned, options)  # refuses with the fix, or moves the folder aside (--overwrite)
+    state = run_dir.state(planned.identity)
+    # A folder no run of this identity may use is refused (or moved aside) before its lock is touched; an
+    # interrupted run of this identity may be running right now in another sweep, which only its lock tells.
+    if state in (RunState.OTHER, RunState.FOREIGN) or (
+        options.overwrite and state in (RunState.INTERRUPTED, RunState.FINISHED)
+    ):
+        _check_or_move(planned, options)
     lock = RunLock(run_dir.path)
     try:
         acquired = lock.acquire()
