@@ -191,6 +191,25 @@ CASES += [
 ]
 
 
+def _nothing_trained(tmp: Path, output: str) -> None:
+    assert not list((tmp / "runs").rglob("last.pt")), "the run trained before finding it cannot be evaluated"
+
+
+CASES += [
+    Case(
+        "class-specific-context-in-base2new-stops-before-training",
+        "unclear",
+        lambda tmp: [
+            *("run", "base2new", "--recipe", SMOKE, "--seeds", "1", "--runs-dir", str(tmp / "runs")),
+            *("--opts", "method_cfg.csc", "true"),
+        ],
+        2,
+        ("cannot be evaluated on 'new'", "csc=false", "nothing was trained"),
+        check=_nothing_trained,
+    ),
+]
+
+
 def resume_changed_options(tmp: Path) -> list[str]:
     """An interrupted run resumed with another learning rate: another identity, so its folder is refused."""
     run = tmp / "run"

@@ -81,6 +81,7 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
         context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full)
         learner = build_learner(planned, clip, splits, context).to(device)
         log(_parameter_line(learner))
+        check_targets_servable(learner, planned, datasets, splits)
         train_info = train(learner, splits, planned, clip, device, options, log)
         if stage1_dir is not None:
             train_info["stage1_run"] = str(stage1_dir)
@@ -123,6 +124,26 @@ def build_learner(planned: PlannedRun, clip: CLIP, splits: DatasetSplits, contex
             f"{cfg.method} on {planned.spec.dataset} ({len(splits.classnames)} classes): {err}. Change the "
             "method_cfg / plugins values in the recipe or with --opts"
         ) from None
+
+
+def check_targets_servable(
+    learner: PromptModel, planned: PlannedRun, datasets: DatasetCache, splits: DatasetSplits
+) -> None:
+    """Before training: every evaluation target's class names are accepted by the learner (class-specific
+    contexts serve only their own classes), so a run that cannot be evaluated stops before it trains."""
+    for target in planned.spec.targets:
+        names = subsample_classes(datasets.get(target.dataset), target.subsample).classnames
+        if names == splits.classnames:
+            continue
+        try:
+            learner.set_classnames(names)
+        except ValueError as err:
+            raise RunError(
+                f"{planned.cfg.method} cannot be evaluated on {target.key!r} ({target.dataset}, "
+                f"{target.subsample} classes): {err}; nothing was trained"
+            ) from None
+        finally:
+            learner.set_classnames(splits.classnames)
 
 
 def run_stage1(planned: PlannedRun, options: RunOptions, log: Log) -> Path | None:
