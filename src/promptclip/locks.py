@@ -17,8 +17,10 @@ In a data-parallel job (`torchrun`) only rank 0 takes the lock; the other ranks 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -206,13 +208,28 @@ class RunLock:
         except FileExistsError:
             return False
         except OSError as err:
-            raise RunLockError(f"cannot create the lock file {self.path}: {err}") from err
+            raise RunLockError(self._cannot_create(err)) from err
         try:
-            os.write(fd, me.to_json().encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, me.to_json().encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            # A lock file left empty (e.g. on a full disk) would read as "being written" and block a retry.
+            self.path.unlink(missing_ok=True)
+            raise RunLockError(self._cannot_create(err)) from err
         return True
+
+    def _cannot_create(self, err: OSError) -> str:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "the disk quota is used up" if err.errno == errno.EDQUOT else "the disk is full"
+            return (
+                f"{what}: cannot create the lock file {self.path}{_free_space(self.run_dir)}; no lock is left "
+                "behind. Free some space there (or write the runs to another disk: --runs-dir, --output), then "
+                "run the command again"
+            )
+        return f"cannot create the lock file {self.path}: {err.strerror or err}; check that {self.run_dir} is writable"
 
     def _read(self) -> LockOwner | None:
         try:
@@ -247,6 +264,15 @@ class RunLock:
                 os.link(aside, self.path)
         aside.unlink(missing_ok=True)
         return same
+
+
+def _free_space(folder: Path) -> str:
+    """` (N MiB free on the file system of <folder>)`, or "" where that cannot be told."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f" ({free / 2**20:.1f} MiB free on the file system of {folder})"
 
 
 def _read_owner(path: Path) -> LockOwner | None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from promptclip.clip.pixels import to_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -28,11 +30,6 @@ DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _CROP_TRIES = 10
 
 CropBox = tuple[int, int, int, int]  # (top, left, height, width)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """The image in RGB mode; alpha is dropped without compositing, as CLIP's own preprocessing does."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -19,6 +19,7 @@ or from mask files found with the `--mask-*` options.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ def run_gradcam(args: argparse.Namespace) -> int:
     written, kept = write_gradcam_masks(
         learner, splits, data, out, args.threshold, args.batch_size, args.overwrite, progress=not args.no_progress
     )
+    summary = gradcam_mask_summary(splits, data, out)
     from promptclip.io import atomic_write_json
 
     atomic_write_json(
@@ -121,9 +123,14 @@ def run_gradcam(args: argparse.Namespace) -> int:
             "threshold": args.threshold,
             "images": len(data),
             "layout": "mirror",
+            "empty": len(summary.empty),
+            "full": len(summary.full),
+            "mean_foreground": round(summary.mean_foreground, 4),
         },
     )
     print(f"{splits.name}: {written} masks written, {kept} kept, in {out}")
+    print(f"masks: {summary.describe()}")
+    _warn_empty_or_full(summary)
     print(f"train DAPT-S on them with: --opts plugins.dapt.mask.rule mirror plugins.dapt.mask.mask_dir {out.resolve()}")
     return 0
 
@@ -168,6 +175,29 @@ def mask_store_path(out: Path, splits: Any, datum: Any) -> Path:
 
     store = FileMaskStore(splits.root or Path("."), splits.image_dir, MaskConfig(mask_dir=str(out.resolve())))
     return (out / store.relative_mask_path(datum)).with_suffix(".png")
+
+
+def gradcam_mask_summary(splits: Any, data: Sequence[Any], out: Path) -> Any:
+    """The `MaskSummary` of the masks below `out` (empty, full, mean foreground), read as a DAPT-S run reads
+    them (mirror layout, binary encoding)."""
+    from promptclip.data.masks import FileMaskStore, MaskConfig, mask_summary
+
+    config = MaskConfig(rule="mirror", mask_dir=str(out.resolve()), encoding="binary")
+    store = FileMaskStore(splits.root or Path("."), splits.image_dir, config)
+    return mask_summary(splits.replace(masks=store), data)
+
+
+def _warn_empty_or_full(summary: Any) -> None:
+    from promptclip.data.masks import DEFAULT_MAX_EMPTY_OR_FULL
+
+    if summary.too_many(DEFAULT_MAX_EMPTY_OR_FULL):
+        print(
+            f"warning: {summary.empty_or_full} of {summary.total} masks are empty or full, more than a DAPT-S run "
+            f"accepts by default (max_empty_or_full {DEFAULT_MAX_EMPTY_OR_FULL:g}); look at them with `promptclip "
+            "masks show`, try another --threshold or --prompt, or choose plugins.dapt.mask.fallback full|skip:\n  "
+            f"{summary.listed(5)}",
+            file=sys.stderr,
+        )
 
 
 def squashed_pixels(image: Image.Image, size: int) -> torch.Tensor:

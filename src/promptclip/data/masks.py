@@ -28,6 +28,7 @@ colour masks are read from their red channel, as the official code does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ IgnoreAs = Literal["background", "foreground"]
 DEFAULT_MASK_DIR = "mask"
 FOREGROUND = 255
 LIST_LIMIT = 20  # how many missing masks an error message names
+DEFAULT_MAX_EMPTY_OR_FULL = 0.1  # MaskConfig.max_empty_or_full
 
 
 class MaskError(DatasetError):
@@ -63,7 +65,8 @@ class MaskConfig:
 
     `mask_dir` is absolute, or relative to the dataset folder; None means `<dataset dir>/mask`.
     `fallback` decides what a missing mask does: "error" (default) stops with the list of missing masks,
-    "full" uses an all-foreground mask, "skip" drops those images from the training split.
+    "full" uses an all-foreground mask, "skip" drops those images from the training split. It also decides
+    what an empty mask (no foreground) or a full one (no background) does, see `max_empty_or_full`.
     """
 
     rule: MaskRule = "mirror"
@@ -71,6 +74,11 @@ class MaskConfig:
     encoding: MaskEncoding = "auto"
     fallback: MaskFallback = "error"
     ignore_as: IgnoreAs = "background"
+    max_empty_or_full: float = DEFAULT_MAX_EMPTY_OR_FULL
+    """With fallback "error": the largest fraction of the training masks that may be empty or full (they are
+    used as they are: a segmenter may find nothing in an image); more stops the run with the files listed.
+    With fallback "full" every empty mask becomes an all-foreground one; with "skip" the images of empty and
+    full masks leave the training split."""
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -82,6 +90,9 @@ class MaskConfig:
             value = getattr(self, name)
             if value not in get_args(allowed):
                 raise MaskError(f"mask {name} {value!r} is unknown; choose one of: {', '.join(get_args(allowed))}")
+        limit = self.max_empty_or_full
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0.0 <= limit <= 1.0:
+            raise MaskError(f"mask max_empty_or_full {limit!r} must be a fraction in [0, 1], e.g. 0.1")
 
 
 def mask_values(image: Image.Image) -> np.ndarray:
@@ -139,6 +150,8 @@ class FileMaskStore:
     image_dir: str
     config: MaskConfig = field(default_factory=MaskConfig)
     official_layout: str = "mirror"
+    full_for: frozenset[str] = frozenset()
+    """Image paths whose (empty) masks are read as all-foreground: the "full" fallback (`screen_masks`)."""
     _listing: dict[Path, dict[str, list[str]]] = field(default_factory=dict, repr=False)
 
     @property
@@ -194,7 +207,9 @@ class FileMaskStore:
         return [datum for datum in data if self.find(datum) is None]
 
     def load(self, datum: Datum) -> Image.Image | None:
-        """The binary mask of `datum`; None when it is missing and the fallback is "full"."""
+        """The binary mask of `datum`; None when it is missing, or empty, and the fallback is "full"."""
+        if datum.path in self.full_for:
+            return None
         path = self.find(datum)
         if path is None:
             if self.config.fallback == "full":
@@ -279,20 +294,51 @@ ASPECT_TOLERANCE = 0.02
 @dataclass(frozen=True)
 class _MaskFacts:
     path: Path
+    datum: Datum
     problem: str | None = None  # unreadable, or a shape that cannot be its image's
     has_pixels: bool = False  # any non-zero value
-    has_foreground: bool = False  # any foreground under the configured encoding
+    foreground: float = 0.0  # the fraction of foreground pixels under the configured encoding
 
 
-def check_mask_files(splits: DatasetSplits, data: Sequence[Datum] | None = None, workers: int = 8) -> None:
-    """Before training, decode the mask of every image of `data` (default: the training split) and refuse
-    masks that cannot be used: unreadable files, masks of another shape than their image (made for another
-    image, cropped or rotated), and an encoding that reads most masks as empty although they have non-zero
-    pixels (e.g. 0/255 masks read as label indices, where 255 means "ignore"). Raises `MaskError` listing the
-    files and the fix. Single masks with no foreground at all are allowed (a segmenter can find nothing)."""
+@dataclass(frozen=True)
+class MaskSummary:
+    """What the training masks hold: how many were read, which are empty (no foreground pixel) or full (no
+    background pixel), and the mean fraction of foreground pixels."""
+
+    total: int
+    empty: tuple[tuple[Datum, Path], ...] = ()
+    full: tuple[tuple[Datum, Path], ...] = ()
+    mean_foreground: float = 0.0
+
+    @property
+    def empty_or_full(self) -> int:
+        return len(self.empty) + len(self.full)
+
+    def describe(self) -> str:
+        return (
+            f"{self.total} masks: {len(self.empty)} empty (no foreground), {len(self.full)} full (no background), "
+            f"mean foreground {100 * self.mean_foreground:.1f}%"
+        )
+
+    def too_many(self, limit: float) -> bool:
+        """More empty and full masks than the fraction `limit` of all of them."""
+        return self.empty_or_full > limit * self.total
+
+    def listed(self, limit: int = LIST_LIMIT) -> str:
+        lines = [f"{path} (empty)" for _, path in self.empty] + [f"{path} (full)" for _, path in self.full]
+        more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+        return "\n  ".join(lines[:limit]) + more
+
+
+def mask_summary(splits: DatasetSplits, data: Sequence[Datum] | None = None, workers: int = 8) -> MaskSummary:
+    """Decode the mask of every image of `data` (default: the training split) and refuse masks that cannot be
+    used: unreadable files, masks of another shape than their image (made for another image, cropped or
+    rotated), and an encoding that reads most masks as empty although they have non-zero pixels (e.g. 0/255
+    masks read as label indices, where 255 means "ignore"). Raises `MaskError` listing the files and the fix;
+    returns what the masks hold (empty and full masks are counted here, judged by `check_mask_files`)."""
     store = splits.masks
     if not isinstance(store, FileMaskStore):
-        return  # rendered data bring exact masks
+        return MaskSummary(0)  # rendered data bring exact masks
     data = splits.train if data is None else data
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         facts = [f for f in pool.map(lambda datum: _mask_facts(splits, store, datum), data) if f is not None]
@@ -307,16 +353,92 @@ def check_mask_files(splits: DatasetSplits, data: Sequence[Datum] | None = None,
             "(--mask-rule / --mask-dir, or the mask settings of the plug-in that reads them)"
         )
     with_pixels = [f for f in facts if f.has_pixels]
-    empty = [f for f in with_pixels if not f.has_foreground]
-    if with_pixels and 2 * len(empty) > len(with_pixels):
+    emptied = [f for f in with_pixels if f.foreground == 0.0]
+    if with_pixels and 2 * len(emptied) > len(with_pixels):
         config = store.config
-        shown = "\n  ".join(str(f.path) for f in empty[:5])
+        shown = "\n  ".join(str(f.path) for f in emptied[:5])
         raise MaskError(
-            f"{len(empty)} of {len(with_pixels)} training masks have non-zero pixels but no foreground under mask "
-            f"encoding {config.encoding!r} (ignore_as {config.ignore_as!r}), e.g.:\n  {shown}\n"
+            f"{len(emptied)} of {len(with_pixels)} training masks have non-zero pixels but no foreground under "
+            f"mask encoding {config.encoding!r} (ignore_as {config.ignore_as!r}), e.g.:\n  {shown}\n"
             "fix: choose the encoding of these files (--mask-encoding binary for 0/255 masks, index for label-id "
             "masks where 255 means ignore, auto to decide per mask); see promptclip.data.masks"
         )
+    return MaskSummary(
+        total=len(facts),
+        empty=tuple((f.datum, f.path) for f in facts if f.foreground == 0.0),
+        full=tuple((f.datum, f.path) for f in facts if f.foreground == 1.0),
+        mean_foreground=float(np.mean([f.foreground for f in facts])) if facts else 0.0,
+    )
+
+
+def check_mask_files(splits: DatasetSplits, data: Sequence[Datum] | None = None, workers: int = 8) -> MaskSummary:
+    """Before training, decode every training mask (`mask_summary`: unreadable masks, masks of another shape
+    and an encoding that empties them are refused), and with fallback "error" refuse more empty or full masks
+    than `max_empty_or_full` allows, listing them: DAPT would train on black foreground views (or black
+    backgrounds). Returns the summary."""
+    summary = mask_summary(splits, data, workers)
+    store = splits.masks
+    if isinstance(store, FileMaskStore) and store.config.fallback == "error":
+        limit = store.config.max_empty_or_full
+        if summary.too_many(limit):
+            raise MaskError(
+                f"{summary.empty_or_full} of {summary.total} training masks are empty ({len(summary.empty)}, no "
+                f"foreground) or full ({len(summary.full)}, no background), more than max_empty_or_full {limit:g} "
+                f"allows ({store.description}); DAPT would train on black foreground or background views:\n  "
+                f"{summary.listed()}\n"
+                "fix: regenerate these masks (or check the mask rule, folder and encoding); or, on purpose, mask "
+                "fallback full (empty masks become all-foreground) or skip (those images leave the training "
+                "split), or a larger max_empty_or_full (in a run: --opts plugins.dapt.mask.fallback full, "
+                "plugins.dapt.mask.max_empty_or_full 0.5)"
+            )
+    return summary
+
+
+def screen_masks(splits: DatasetSplits, workers: int = 8) -> tuple[DatasetSplits, MaskSummary]:
+    """`check_mask_files` on the training split, then the mask fallback for empty and full masks: "full"
+    reads every empty mask as all-foreground, "skip" leaves the images of empty and full masks out of the
+    training split; "error" keeps the few that `max_empty_or_full` allows. Each case is a warning with the
+    counts; the summary goes into `info["mask_summary"]`."""
+    summary = check_mask_files(splits, workers=workers)
+    store = splits.masks
+    if not isinstance(store, FileMaskStore):
+        return splits, summary
+    info = {**splits.info, "mask_summary": summary.describe()}
+    fallback = store.config.fallback
+    changes: dict[str, object] = {}
+    if fallback == "full" and summary.empty:
+        store = dataclasses.replace(store, full_for=store.full_for | {datum.path for datum, _ in summary.empty})
+        changes["masks"] = store
+        info["masks_empty_as_full_train"] = len(summary.empty)
+        logger.warning(
+            "%d of %d training masks are empty (no foreground), read as all-foreground (mask fallback full), e.g. %s",
+            len(summary.empty),
+            summary.total,
+            summary.empty[0][1],
+        )
+    elif fallback == "skip" and summary.empty_or_full:
+        dropped = {datum.path for datum, _ in (*summary.empty, *summary.full)}
+        changes["train"] = [datum for datum in splits.train if datum.path not in dropped]
+        info["masks_empty_or_full_skipped_train"] = len(dropped)
+        logger.warning(
+            "%d of %d training images left out: their masks are empty (%d) or full (%d) (mask fallback skip)",
+            len(dropped),
+            len(splits.train),
+            len(summary.empty),
+            len(summary.full),
+        )
+    elif summary.empty_or_full:
+        logger.warning(
+            "%d of %d training masks are empty (%d) or full (%d), within max_empty_or_full %g; they are used as "
+            "they are (black foreground or background views), e.g. %s",
+            summary.empty_or_full,
+            summary.total,
+            len(summary.empty),
+            len(summary.full),
+            store.config.max_empty_or_full,
+            (summary.empty or summary.full)[0][1],
+        )
+    return splits.replace(info=info, **changes), summary
 
 
 def _mask_facts(splits: DatasetSplits, store: FileMaskStore, datum: Datum) -> _MaskFacts | None:
@@ -328,7 +450,7 @@ def _mask_facts(splits: DatasetSplits, store: FileMaskStore, datum: Datum) -> _M
             image.load()
             values, mask_size = mask_values(image), image.size
     except Exception as err:  # PIL raises many kinds of errors for broken files
-        return _MaskFacts(path, f"cannot be read ({type(err).__name__}: {err})")
+        return _MaskFacts(path, datum, f"cannot be read ({type(err).__name__}: {err})")
     try:
         with Image.open(splits.image_path(datum)) as image:
             image_size = image.size
@@ -337,11 +459,12 @@ def _mask_facts(splits: DatasetSplits, store: FileMaskStore, datum: Datum) -> _M
     if mask_size != image_size and not _same_shape(mask_size, image_size):
         return _MaskFacts(
             path,
+            datum,
             f"{mask_size[0]}x{mask_size[1]} pixels, but its image {datum.path} is {image_size[0]}x{image_size[1]} "
             "(another shape)",
         )
     foreground = foreground_of(values, store.config.encoding, store.config.ignore_as)
-    return _MaskFacts(path, has_pixels=bool(values.any()), has_foreground=bool(foreground.any()))
+    return _MaskFacts(path, datum, has_pixels=bool(values.any()), foreground=float(foreground.mean()))
 
 
 def _same_shape(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -180,7 +180,8 @@ def warn_tied_class_names(clip: CLIP, splits: DatasetSplits, arch: str) -> list[
             "%d of the %d class names of %s get identical text features from backbone %s (prompt %r): %s%s. Its "
             "vocabulary does not tell these names apart (a word it never learned has no meaning to it; the bundled "
             "tiny-synthetic knows only the synthetic world's words), so their prompts start out as one class. Use "
-            "a backbone that knows these words, or give the classes names it knows (--classnames FILE)",
+            "a backbone that knows these words, or give the classes names it knows (a class-name file: "
+            "--classnames FILE; in a run, --opts data.options.classnames FILE)",
             count,
             len(splits.classnames),
             splits.display_name,

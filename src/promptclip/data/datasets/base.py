@@ -15,7 +15,7 @@ import inspect
 import json
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Literal, Protocol
@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from PIL import Image
 
 from promptclip.classnames import prompt_names
+from promptclip.clip.pixels import to_rgb
 from promptclip.data.datasets.core import DatasetError, Datum
 from promptclip.data.datasets.files import (  # noqa: F401  (re-exported: readers import them from base)
     IMAGE_EXTENSIONS,
@@ -36,6 +37,11 @@ from promptclip.data.datasets.files import (  # noqa: F401  (re-exported: reader
     split_per_class,
     split_trainval,
     write_text_atomic,
+)
+from promptclip.data.datasets.labels import (
+    check_distinct_names,
+    check_labels,
+    classnames_from_data,
 )
 from promptclip.registry import DATASETS
 
@@ -69,14 +75,12 @@ class MaskSource(Protocol):
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Decode an image file fully and return it in RGB (palette, grey and alpha images included)."""
+    """Decode an image file fully and return it as 8-bit RGB, whatever its mode (16-bit and float grey
+    scaled, transparency composited on white: `promptclip.clip.pixels.to_rgb`)."""
     with Image.open(path) as image:
         image.load()
-        if image.mode == "RGB":
-            return image.copy()
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            return image.convert("RGBA").convert("RGB")
-        return image.convert("RGB")
+        rgb = to_rgb(image)  # while the file is open: a TIFF's declared bit depth is read from its tags
+        return rgb.copy() if rgb is image else rgb
 
 
 @dataclass(frozen=True)
@@ -185,26 +189,6 @@ class DatasetSplits:
         return [self.template.format(name) for name in self.classnames]
 
 
-def classnames_from_data(data: Iterable[Datum], num_classes: int | None = None) -> list[str]:
-    """Label -> raw class name, checked for consistency; labels must be 0..n-1 without gaps."""
-    names: dict[int, str] = {}
-    for datum in data:
-        known = names.setdefault(datum.label, datum.classname)
-        if known != datum.classname:
-            raise DatasetError(
-                f"label {datum.label} has two class names, {known!r} and {datum.classname!r} "
-                f"(e.g. at {datum.path!r}); each label needs exactly one name in the split file"
-            )
-    count = num_classes if num_classes is not None else (max(names) + 1 if names else 0)
-    absent = [label for label in range(count) if label not in names]
-    if absent or any(label < 0 or label >= count for label in names):
-        raise DatasetError(
-            f"labels must run 0..{count - 1} without gaps; missing labels {absent[:10]}"
-            + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
-        )
-    return [names[label] for label in range(count)]
-
-
 def read_split_file(path: Path, image_dir: str) -> tuple[list[Datum], list[Datum], list[Datum]]:
     """Read a field split file: `{"train"|"val"|"test": [[path below image_dir, label, classname], ...]}`."""
     try:
@@ -266,6 +250,8 @@ class RawSplits:
     test: list[Datum]
     classnames: list[str] | None = None  # raw names; derived from the data when None
     source: str = ""  # where the split came from, recorded in `DatasetSplits.info`
+    origin: str = ""  # the file (or folder) the labels come from, named in errors; the dataset folder if ""
+    keys: list[str] | None = None  # what the data call each label (class folders, CSV labels), for messages
 
 
 class DatasetBuilder:
@@ -338,9 +324,17 @@ class DatasetBuilder:
         return self.finish(dataset_dir, raw)
 
     def finish(self, dataset_dir: Path | None, raw: RawSplits) -> DatasetSplits:
-        everything = [*raw.train, *raw.val, *raw.test]
-        names = raw.classnames if raw.classnames is not None else classnames_from_data(everything)
-        _check_labels(everything, len(names), self.name)
+        """The common steps after `read`: labels 0..n-1 and distinct prompt names (see
+        `promptclip.data.datasets.labels`; errors name the file the labels come from)."""
+        where = raw.origin or f"{self.name} data in {dataset_dir}"
+        try:
+            everything = [*raw.train, *raw.val, *raw.test]
+            given = raw.classnames
+            names = given if given is not None else classnames_from_data(everything, prefix=self.image_dir)
+            check_labels({"train": raw.train, "val": raw.val, "test": raw.test}, len(names), self.image_dir)
+        except DatasetError as err:
+            raise DatasetError(f"{where}: {err}") from None
+        check_distinct_names(names, raw.keys, where, refuse=self.own_data)
         return DatasetSplits(
             name=self.name,
             root=dataset_dir,
@@ -355,15 +349,6 @@ class DatasetBuilder:
             info={"split_source": raw.source},
             display_name=self.display_name(dataset_dir),
         )
-
-
-def _check_labels(data: Iterable[Datum], num_classes: int, name: str) -> None:
-    for datum in data:
-        if not 0 <= datum.label < num_classes:
-            raise DatasetError(
-                f"{name}: {datum.path!r} has label {datum.label}, outside 0..{num_classes - 1}; "
-                "fix the split file's label column"
-            )
 
 
 class SplitFileDataset(DatasetBuilder):
@@ -395,7 +380,7 @@ class SplitFileDataset(DatasetBuilder):
         split_path = dataset_dir / self.split_file
         if split_path.is_file():
             train, val, test = read_split_file(split_path, self.image_dir)
-            return RawSplits(train, val, test, source=self.split_file)
+            return RawSplits(train, val, test, source=self.split_file, origin=str(split_path))
         if not self.make_split:
             raise DatasetError(f"split file {split_path} is missing; {self._split_fix()}")
         try:

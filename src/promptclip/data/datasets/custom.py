@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from promptclip.data.datasets.base import (
+    IMAGE_EXTENSIONS,
     SPLIT_NAMES,
     DatasetBuilder,
     DatasetError,
@@ -241,7 +242,8 @@ class FolderDataset(OwnDataset):
         names = self.names_for_keys(classes, dataset_dir)
         data = self._images(dataset_dir, "", classes, names)
         train, val, test = self.auto_split(data)
-        return RawSplits(train, val, test, names, source=f"folders, split seed {self.split_seed}")
+        source = f"folders, split seed {self.split_seed}"
+        return RawSplits(train, val, test, names, source=source, origin=str(dataset_dir), keys=classes)
 
     def _read_given_splits(self, dataset_dir: Path, splits: list[str]) -> RawSplits:
         classes = sorted(
@@ -256,19 +258,50 @@ class FolderDataset(OwnDataset):
         data = {
             split: self._images(dataset_dir, split, classes, names) if split in splits else [] for split in SPLIT_NAMES
         }
-        return RawSplits(data["train"], data["val"], data["test"], names, source="folders train/val/test")
+        source = "folders train/val/test"
+        return RawSplits(
+            data["train"], data["val"], data["test"], names, source=source, origin=str(dataset_dir), keys=classes
+        )
 
     @staticmethod
     def _images(dataset_dir: Path, prefix: str, classes: list[str], names: list[str]) -> list[Datum]:
-        data = []
+        """The images of each class folder; a class folder without images is refused (it would silently be a
+        class that nothing trains or tests)."""
+        data: list[Datum] = []
+        empty: list[Path] = []
         for label, folder in enumerate(classes):
             where = dataset_dir / prefix / folder
             if not where.is_dir():
                 continue
-            for image in list_visible(where):
-                if is_image_name(image):
-                    data.append(Datum(join_posix(prefix, folder, image), label, names[label]))
+            found = [image for image in list_visible(where) if is_image_name(image)]
+            if not found:
+                empty.append(where)
+            data.extend(Datum(join_posix(prefix, folder, image), label, names[label]) for image in found)
+        if empty:
+            raise DatasetError(empty_class_folders_message(empty))
         return data
+
+
+def empty_class_folders_message(folders: list[Path]) -> str:
+    """Which class folders hold no image, what they hold instead, and the fix."""
+
+    def holds(folder: Path) -> str:
+        entries = list_visible(folder)
+        files = [name for name in entries if (folder / name).is_file()]
+        if files:
+            return f"{len(files)} files, none of them an image, e.g. {', '.join(files[:3])}"
+        if entries:
+            return "only sub-folders: a class's images must sit directly in its folder"
+        return "nothing"
+
+    listed = "\n  ".join(f"{folder} (holds {holds(folder)})" for folder in folders[:20])
+    more = f"\n  ... and {len(folders) - 20} more" if len(folders) > 20 else ""
+    extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+    return (
+        f"{len(folders)} class folders hold no image:\n  {listed}{more}\n"
+        f"fix: put the class's images ({extensions}) in the folder, or remove the folder (folders whose names "
+        "start with '.' are not read)"
+    )
 
 
 @register
@@ -345,10 +378,15 @@ class CSVDataset(OwnDataset):
                 split_of[self._split(path, line, row["split"])].append(datum)
             else:
                 unsplit.append(datum)
+        ordered = sorted(label_of, key=label_of.__getitem__)
+        keys_by_label = ordered if [label_of[key] for key in ordered] == list(range(len(names))) else None
         if unsplit:
             train, val, test = self.auto_split(unsplit)
-            return RawSplits(train, val, test, names, source=f"{path.name}, split seed {self.split_seed}")
-        return RawSplits(split_of["train"], split_of["val"], split_of["test"], names, source=f"{path.name} splits")
+            source = f"{path.name}, split seed {self.split_seed}"
+        else:
+            train, val, test = split_of["train"], split_of["val"], split_of["test"]
+            source = f"{path.name} splits"
+        return RawSplits(train, val, test, names, source=source, origin=str(path), keys=keys_by_label)
 
     def _rows(self, path: Path, root: Path) -> list[tuple[int, dict[str, str]]]:
         with path.open(newline="", encoding="utf-8-sig") as handle:
