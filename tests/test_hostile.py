@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hostile import SUBPROCESS_TIMEOUT_S, Case, check_case
 
-CASE_MODULES = ("hostile_config", "hostile_data")
+CASE_MODULES = ("hostile_config", "hostile_files", "hostile_data")
 CASES: list[Case] = [case for name in CASE_MODULES for case in importlib.import_module(name).CASES]
 
 

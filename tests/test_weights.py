@@ -159,13 +159,37 @@ def test_openai_layout_files_round_trip(tmp_path: Path, arch: str, writer: str) 
     model = random_clip(arch)
     state = state_of(model)
     path = WRITERS[writer](state, tmp_path)
-    loaded = load_clip(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", weights.TorchScriptWarning)
+        loaded = load_clip(path, allow_torchscript=writer == "torchscript")  # the test names the archive
     assert loaded.config == model.config  # inferred from shapes, head counts taken from the known arch
     assert_same_tensors(loaded, as_stored(state, writer))
     assert loaded.weights_sha256 == file_sha256(path)
     assert loaded.weights_source == str(path)
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in loaded.parameters())
     assert not loaded.training
+
+
+def test_a_torchscript_archive_opens_only_when_allowed_and_then_warns(
+    tmp_path: Path, empty_weights_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = state_of(random_clip("tiny-vit"))
+    archive = write_torchscript_archive(state, tmp_path)
+    opened: list[str] = []
+    jit_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda path, **kwargs: opened.append(str(path)) or jit_load(path, **kwargs))
+    for call in (lambda: load_clip(archive), lambda: load_clip("tiny-vit", weights=archive)):
+        with pytest.raises(weights.TorchScriptRefusedError, match="convert-weights") as refused:
+            call()
+        assert refused.value.path == archive
+    assert opened == []  # refused before torch.jit.load
+    with pytest.warns(weights.TorchScriptWarning, match=f"promptclip convert-weights {archive}"):
+        assert_same_tensors(load_clip(archive, allow_torchscript=True), as_stored(state, "torchscript"))
+    empty_weights_folder.mkdir()
+    archive.rename(empty_weights_folder / "tiny-vit.pt")  # found for a name in the user's weights folder
+    with pytest.warns(weights.TorchScriptWarning):
+        load_clip("tiny-vit")
+    assert len(opened) == 2
 
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])

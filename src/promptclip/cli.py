@@ -7,10 +7,12 @@ wires them together; a sub-command sets `func(args) -> int` as its handler.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shlex
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 from promptclip.errors import CLIError, user_error_message
 
@@ -27,6 +29,7 @@ COMMAND_MODULES = (
     "promptclip.commands.explain",
     "promptclip.commands.pretrain",
     "promptclip.commands.demo",
+    "promptclip.commands.weights",
 )
 
 
@@ -65,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from promptclip.engine.stop import Stopped, stop_on_signals
 
     try:
-        with stop_on_signals():
+        with stop_on_signals(), plain_warnings():
             return int(args.func(args) or 0)
     except Stopped as stopped:
         print(f"promptclip: {describe_stop(stopped, sys.argv[1:] if argv is None else list(argv))}", file=sys.stderr)
@@ -80,6 +83,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"promptclip: error: {message}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """promptclip's own warnings (a TorchScript archive being opened) as one `promptclip: warning:` line each,
+    every time; other warnings as Python shows them."""
+    from promptclip.clip.errors import TorchScriptWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TorchScriptWarning)
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+            if issubclass(category, TorchScriptWarning):
+                print(f"promptclip: warning: {message}", file=sys.stderr)
+            else:
+                shown(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+        warnings.showwarning = show
+        yield
 
 
 def describe_stop(stopped: Exception, argv: Sequence[str]) -> str:

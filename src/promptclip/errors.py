@@ -28,7 +28,10 @@ _USER_ERRORS = (
     ("promptclip.runs.errors", "RunError", ""),
     ("promptclip.engine.train", "NonFiniteLossError", ""),
     ("promptclip.engine.train", "DivergedError", ""),
+    ("promptclip.clip.errors", "TorchScriptRefusedError", ""),
     ("promptclip.clip.errors", "WeightsError", " (on the command line: --opts model.weights FILE, or --weights FILE)"),
+    ("promptclip.clip.tokenizer", "TextTooLongError", ""),
+    ("promptclip.methods.base", "PromptFileError", ""),
     ("promptclip.runs.results", "ResultFileError", ""),
 )
 
@@ -54,7 +57,22 @@ def _os_error_message(err: OSError) -> str | None:
     where = f"{err.filename}: " if err.filename else ""
     if err.errno in DISK_FULL_ERRNOS:  # atomic writers raise DiskFullError; appends, a bare OSError
         return str(err if isinstance(err, DiskFullError) else DiskFullError(Path(err.filename or "(a file)"), err))
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and err.filename:  # a file stands where a folder must go
+        return (
+            f"{where}cannot be made a folder: a file stands in its place or in its path; choose another output "
+            "path (--output, --out), or move that file aside"
+        )
+    if err.errno == errno.EISDIR and (err.filename2 or err.filename):  # os.replace(temporary, target)
+        return (
+            f"{err.filename2 or err.filename}: is a folder, and a file is to be written there; name a file instead "
+            "(--output, --out)"
+        )
+    if err.errno == errno.EROFS:
+        return (
+            f"{where}cannot be written ({err.strerror}); choose a folder you can write to, on a writable disk "
+            "(--runs-dir, --output, --out)"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
         return (
             f"{where}cannot be written ({err.strerror}); choose a folder you can write to (--runs-dir, --output, "
             "--out) or change its permissions"

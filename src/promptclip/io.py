@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -72,8 +73,23 @@ def atomic_path(path: str | Path, fault: str | None = None) -> Iterator[Path]:
         _fsync_folder(path.parent)  # make the rename itself survive a power cut
     except OSError as err:
         raise _disk_full_or(err, path) from err
+    except Exception as err:  # a writer's own error type for a failed system call (safetensors raises one)
+        code = os_error_code(err)
+        if code is None:
+            raise
+        raise _disk_full_or(OSError(code, os.strerror(code), str(path)), path) from err
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_code(err: BaseException) -> int | None:
+    """The errno behind an error that is not an OSError: Rust's I/O errors, which safetensors passes on as its
+    own `SafetensorError`, keep it only in their text ("... No space left on device (os error 28)")."""
+    found = _OS_ERROR_TEXT.search(str(err))
+    return int(found.group(1)) if found else None
 
 
 def _disk_full_or(err: OSError, path: Path) -> OSError:

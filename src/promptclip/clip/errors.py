@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
-__all__ = ["MissingWeightsError", "WeightsError", "preview"]
+__all__ = ["MissingWeightsError", "TorchScriptRefusedError", "TorchScriptWarning", "WeightsError", "preview"]
 
 
 class WeightsError(ValueError):
@@ -13,6 +14,18 @@ class WeightsError(ValueError):
 
 class MissingWeightsError(WeightsError):
     """No weights file found for an architecture name; the message says where to put one."""
+
+
+class TorchScriptRefusedError(WeightsError):
+    """A TorchScript archive that was not named by the user: opening it would run the code stored in it."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class TorchScriptWarning(UserWarning):
+    """A TorchScript archive the user named is being opened, which runs the code stored in it."""
 
 
 def preview(keys: Iterable[object], count: int = 5) -> str:

@@ -222,22 +222,40 @@ def get_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def _too_long_error(text: str, num_tokens: int, context_length: int) -> ValueError:
-    preview = text if len(text) <= 60 else text[:57] + "..."
-    return ValueError(
-        f"text {preview!r} encodes to {num_tokens} tokens (with start and end tokens), more than the "
-        f"context length {context_length}; pass truncate=True or shorten the text"
+class TextTooLongError(ValueError):
+    """A text (a prompt holding a class name) longer than the text encoder's context."""
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _too_long_error(text: str, num_tokens: int, context_length: int, name: str | None) -> TextTooLongError:
+    if name is None:
+        return TextTooLongError(
+            f"text {_shown(text)!r} encodes to {num_tokens} tokens (with start and end tokens), more than the "
+            f"context length {context_length}; pass truncate=True or shorten the text"
+        )
+    return TextTooLongError(
+        f"class name {_shown(name, 80)!r} is too long for CLIP's text encoder: its prompt {_shown(text)!r} "
+        f"encodes to {num_tokens} tokens, more than the context length {context_length}. Give the class a "
+        "shorter name: in --classes, or map it to a short name in a class-name file (a JSON "
+        '{"folder or label": "short name"}, given with --classnames FILE or data.options.classnames)'
     )
 
 
 def tokenize(
-    texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_LENGTH, truncate: bool = False
+    texts: str | Sequence[str],
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    truncate: bool = False,
+    names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Token ids of one or more texts as a LongTensor ``[N, context_length]``.
 
-    Each row is ``SOT, ids..., EOT`` followed by zeros. A text that does not fit raises ``ValueError`` unless
-    ``truncate`` is set, in which case it is cut to ``context_length`` ids and the last one is set to EOT, so
-    the end-of-text position the text tower pools at is always present.
+    Each row is ``SOT, ids..., EOT`` followed by zeros. A text that does not fit raises ``TextTooLongError``
+    (a ``ValueError``) unless ``truncate`` is set, in which case it is cut to ``context_length`` ids and the
+    last one is set to EOT, so the end-of-text position the text tower pools at is always present. ``names``
+    (one per text, e.g. the class name each prompt holds) makes the error name the class and the fix.
     """
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2 (start and end tokens), got {context_length}")
@@ -251,7 +269,7 @@ def tokenize(
         ids = [tokenizer.sot_token, *tokenizer.encode(text), tokenizer.eot_token]
         if len(ids) > context_length:
             if not truncate:
-                raise _too_long_error(text, len(ids), context_length)
+                raise _too_long_error(text, len(ids), context_length, names[row] if names is not None else None)
             ids = ids[:context_length]
             ids[-1] = tokenizer.eot_token
         result[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)

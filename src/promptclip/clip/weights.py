@@ -2,7 +2,12 @@
 
 Accepted inputs (all end as `CLIP` with OpenAI key names, fp32 parameters, eval mode, frozen):
 
-* an OpenAI TorchScript archive (`ViT-B-16.pt` as published): its tensors are read through `torch.jit.load`;
+* an OpenAI TorchScript archive (`ViT-B-16.pt` as published): its tensors are read through `torch.jit.load`,
+  which runs the code stored in the archive, so only when the caller says the user named the file
+  (`allow_torchscript=True`: a path given on the command line or in Python) or the file was found for an
+  architecture name in the weights folder; a path read from a file (a run's config.yaml, a prompt's
+  prompt_config.json, a recipe) never opens one. Each opening warns (`TorchScriptWarning`) with the one-line
+  conversion to safetensors (`promptclip convert-weights IN OUT`);
 * an OpenAI-layout state dict: `.pt`/`.pth`/`.bin` pickles read with `torch.load(weights_only=True)`, or
   `.safetensors`; a `state_dict`/`model` wrapper and a `module.` prefix (as open_clip writes them) are removed;
 * a Hugging Face `CLIPModel` folder (`config.json` + `model.safetensors` or `pytorch_model.bin`), or a file in
@@ -45,7 +50,13 @@ from promptclip.clip.arch_names import (
     resolve,
     weights_dir,
 )
-from promptclip.clip.errors import MissingWeightsError, WeightsError, preview
+from promptclip.clip.errors import (
+    MissingWeightsError,
+    TorchScriptRefusedError,
+    TorchScriptWarning,
+    WeightsError,
+    preview,
+)
 from promptclip.clip.hf_keys import apply_hf_config, hf_config_dict, hf_to_openai, openai_to_hf
 from promptclip.clip.model import CLIP, ArchConfig
 from promptclip.io import atomic_write_text, atomic_write_with, sha256_file, sha256_files
@@ -56,11 +67,14 @@ __all__ = [
     "WEIGHTS_ENV",
     "Checkpoint",
     "MissingWeightsError",
+    "TorchScriptRefusedError",
+    "TorchScriptWarning",
     "WeightsError",
     "arch_config",
     "available_archs",
     "build_clip",
     "canonical_name",
+    "conversion_command",
     "describe_archs",
     "export_hf",
     "find_weights",
@@ -116,9 +130,33 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+def conversion_command(path: Path) -> str:
+    """The one-line conversion of a TorchScript archive into a safetensors file beside it."""
+    return f"promptclip convert-weights {path} {path.with_suffix('.safetensors')}"
+
+
+def _refuse_torchscript(path: Path) -> TorchScriptRefusedError:
+    return TorchScriptRefusedError(
+        f"{path}: a TorchScript archive, and opening one runs the code stored in it, so a weights path read "
+        "from a file (a run's config.yaml, a prompt's prompt_config.json, a recipe) never opens one. Convert it "
+        f"once, on a machine you trust, to plain tensors: `{conversion_command(path)}`, and name the "
+        ".safetensors file instead; or, if you trust the archive, name it yourself on the command line "
+        f"(--weights FILE, --arch FILE or --opts model.weights FILE) or put it in ${WEIGHTS_ENV} under its "
+        "architecture's name (in Python: load_clip(..., allow_torchscript=True))",
+        path,
+    )
+
+
 def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
-    # torch.jit.load compiles the archive's TorchScript code; only its tensors are kept. Callers reach this
-    # only for a file the user supplied.
+    # torch.jit.load compiles the archive's TorchScript code; only its tensors are kept. `_read_file` reaches
+    # this only when the caller allows it: a file the user named, or found in the weights folder by name.
+    warnings.warn(
+        TorchScriptWarning(
+            f"{path} is a TorchScript archive: opening it runs the code stored in it. Convert it once to plain "
+            f"tensors and use the converted file from then on: {conversion_command(path)}"
+        ),
+        stacklevel=2,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -215,7 +253,7 @@ def _to_openai_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[
     )
 
 
-def _read_file(path: Path) -> Checkpoint:
+def _read_file(path: Path, allow_torchscript: bool) -> Checkpoint:
     arch: ArchConfig | None = None
     if path.suffix == ".safetensors":
         raw, metadata = _read_safetensors(path)
@@ -223,6 +261,8 @@ def _read_file(path: Path) -> Checkpoint:
         if ARCH_METADATA_KEY in metadata:
             arch, layout = _metadata_arch(metadata[ARCH_METADATA_KEY], path), "promptclip"
     elif _is_torchscript_archive(path):
+        if not allow_torchscript:
+            raise _refuse_torchscript(path)
         raw, layout = _read_torchscript(path), "openai-torchscript"
     else:
         raw, layout = _unwrap(_read_pickle(path), path), "openai"
@@ -294,11 +334,13 @@ def _read_hf_folder(folder: Path) -> Checkpoint:
     )
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, allow_torchscript: bool = False) -> Checkpoint:
     """Read any accepted weights file or HF folder into an OpenAI-layout fp32 state dict.
 
     Pickles are read with `weights_only=True` only: a pickle that needs code to load is refused. A TorchScript
-    archive is opened with `torch.jit.load`: pass only archives you trust."""
+    archive is refused (`TorchScriptRefusedError`) unless `allow_torchscript`, which a caller sets only for a
+    path the user named (on the command line, in Python) or found for a name in the weights folder; it is then
+    opened with `torch.jit.load`, with a `TorchScriptWarning`. HF folders never hold TorchScript."""
     path = Path(path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -306,7 +348,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _read_hf_folder(path)
     if not path.is_file():
         raise MissingWeightsError(f"{path}: no such weights file")
-    return _read_file(path)
+    return _read_file(path, allow_torchscript)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -401,6 +443,8 @@ def load_clip(
     name_or_path: str | os.PathLike[str],
     weights: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
+    *,
+    allow_torchscript: bool = False,
 ) -> CLIP:
     """Load a frozen CLIP (eval mode, fp32 parameters, requires_grad False) on `device`.
 
@@ -408,6 +452,10 @@ def load_clip(
     * `load_clip("path/to/file.pt")` or an HF folder: any accepted format, architecture inferred;
     * `load_clip("ViT-B/16", weights="path")`: that file, checked against the named architecture;
     * `load_clip("tiny-vit", weights="random")`: random initial weights (tests, benchmarks, pretraining).
+
+    A path that is a TorchScript archive is opened only with `allow_torchscript=True`: pass it only for a path
+    the user named (never for one read from a file). A file found for a name in `$PROMPTCLIP_WEIGHTS` was put
+    there by the user and may be an archive. Either way opening one warns with the conversion to safetensors.
     """
     if weights is not None and str(weights) == RANDOM_WEIGHTS:
         model = CLIP(arch_config(name_or_path))
@@ -416,9 +464,12 @@ def load_clip(
     if weights is not None:
         requested: ArchConfig | None = arch_config(name_or_path)
         path = Path(weights).expanduser()
+        found_by_name = False
     else:
         requested, path = resolve(name_or_path)
-    return _frozen(build_clip(load_checkpoint(path), requested), device)
+        found_by_name = requested is not None  # the weights folder (or a bundled model), not a path
+    checkpoint = load_checkpoint(path, allow_torchscript=allow_torchscript or found_by_name)
+    return _frozen(build_clip(checkpoint, requested), device)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for item in methods:
             cfg = demo_config(item, args.device, args.epochs, args.arch, args.weights, clip.config.vision.layers)
             jobs += [(spec, cfg) for spec in expand("base2new", cfg, sweep)]
-        options = RunOptions(progress=False, echo=False)
+        options = RunOptions(progress=False, echo=False, allow_torchscript=True)  # --arch/--weights
         folders = []
         with tqdm(jobs, desc="demo", unit="run", dynamic_ncols=True) as bar:
             for spec, cfg in bar:
@@ -228,7 +228,7 @@ def _check_backbone(arch: str, weights: str | None) -> Any:
     from promptclip.clip.weights import WeightsError, load_clip
 
     try:
-        return load_clip(arch, weights)
+        return load_clip(arch, weights, allow_torchscript=True)  # named by --arch / --weights
     except WeightsError as err:
         if arch != BACKBONE or weights is not None:
             raise

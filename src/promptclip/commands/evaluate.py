@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,35 +56,113 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="autocast on CUDA")
 
 
-def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | None) -> tuple[str, str | None]:
-    """(arch, weights) for a prompt: the flags, else the run's config.yaml beside prompt/, else the
-    architecture the prompt records (weights found in the weights folder)."""
-    from promptclip.methods.base import read_prompt_config
+@dataclass(frozen=True)
+class BackboneSource:
+    """The CLIP a command loads, and the file that named its weights path when no flag did."""
 
+    arch: str
+    weights: str | None
+    named_in: str | None = None
+    """`<file> (<field>)` when the path to open was read from a file (a run's config.yaml, a prompt's
+    prompt_config.json); None when the command line named it, or a name finds it in the weights folder."""
+
+    def load(self, device: Any) -> Any:
+        """The frozen CLIP. A TorchScript archive opens only when the command line named it: one named by a
+        file is refused, and the message says which file named it."""
+        from promptclip.clip.weights import TorchScriptRefusedError, load_clip
+
+        try:
+            return load_clip(self.arch, self.weights, device=device, allow_torchscript=self.named_in is None)
+        except TorchScriptRefusedError as err:
+            if self.named_in is None:
+                raise
+            raise TorchScriptRefusedError(f"{self.named_in} names {err}", err.path) from None
+
+
+def prompt_folder(text: str | None, flag: str = "--prompt") -> Path | None:
+    """The saved prompt folder a flag names, checked: it exists and holds a saved prompt."""
+    from promptclip.methods.base import CONFIG_FILE, WEIGHTS_FILE
+
+    if text is None:
+        return None
+    folder = Path(text).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"{flag} {folder}: no such folder; give a saved prompt folder (a run's prompt/)")
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        return folder
+    if (folder / "prompt" / CONFIG_FILE).is_file():
+        raise CLIError(f"{flag} {folder}: a run folder, not its prompt; give {flag} {folder / 'prompt'}")
+    raise CLIError(
+        f"{flag} {folder}: not a saved prompt (it needs {CONFIG_FILE} and {WEIGHTS_FILE}); give a run's prompt/ "
+        "folder, or a folder written by learner.save_pretrained(dir)"
+    )
+
+
+def backbone_source(prompt_dir: Path | None, arch: str | None, weights: str | None) -> BackboneSource:
+    """The backbone of a prompt: the flags, else the run's config.yaml beside prompt/, else the architecture
+    the prompt records (weights found in the weights folder). A path taken from a file is marked as such
+    (`named_in`), so that `BackboneSource.load` never opens a TorchScript archive a file names."""
+    from promptclip.methods.base import CONFIG_FILE, read_prompt_config
+
+    named_in: str | None = None
     if arch is None and prompt_dir is not None:
         from promptclip.runs.rundir import RunDir
 
         run_config = RunDir(prompt_dir.parent).config
         if run_config.is_file():
-            model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") or {}
+            model = _run_config_model(run_config)
             arch = model.get("arch")
-            weights = weights if weights is not None else model.get("weights")
+            if weights is None and model.get("weights") is not None:
+                weights, named_in = model["weights"], f"{run_config} (model.weights)"
+            elif weights is None and arch is not None:
+                named_in = f"{run_config} (model.arch)"
         if arch is None:
-            arch = read_prompt_config(prompt_dir).get("backbone", {}).get("arch")
+            backbone = read_prompt_config(prompt_dir).get("backbone") or {}
+            arch = backbone.get("arch") if isinstance(backbone, dict) else None
+            if arch is not None and not isinstance(arch, str):
+                from promptclip.methods.base import PromptFileError
+
+                raise PromptFileError(
+                    f"{prompt_dir / CONFIG_FILE}: backbone.arch must be an architecture name or path, not "
+                    f"{arch!r}; save the prompt again, or pass --arch and --weights"
+                )
+            if weights is None and arch is not None:
+                named_in = f"{prompt_dir / CONFIG_FILE} (backbone.arch)"
     if arch is None:
         arch = "ViT-B-16"
-    if weights == "random":
-        from promptclip.errors import CLIError
-
+    if weights == "random" and prompt_dir is not None:
         raise CLIError(
             f"{prompt_dir}: the prompt was trained on randomly initialised CLIP weights, which were not saved; "
             "pass --arch and --weights with the weights file to evaluate it on"
         )
-    return arch, weights
+    return BackboneSource(arch, weights, named_in)
+
+
+def _run_config_model(path: Path) -> dict[str, Any]:
+    """The `model` section of a run folder's config.yaml, read with `yaml.safe_load` and checked."""
+    from promptclip.config import ConfigError
+
+    fix = "restore the run's config.yaml (promptclip writes it), or name the backbone with --arch and --weights"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); {fix}") from None
+    except yaml.YAMLError as err:
+        problem = " ".join(str(err).split())
+        raise ConfigError(f"{path}: not valid YAML ({problem}); {fix}") from None
+    data = {} if data is None else data
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(model, dict | None):
+        raise ConfigError(f"{path}: expected a run config (a mapping with a `model` section); {fix}")
+    model = model or {}
+    for key in ("arch", "weights"):
+        value = model.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{path}: model.{key} must be a name or path, not {value!r}; {fix}")
+    return model
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from promptclip.clip.weights import load_clip
     from promptclip.config import DataConfig, ModelConfig, RunConfig
     from promptclip.data.commands import dataset_options_from_args
     from promptclip.data.fewshot import subsample_classes
@@ -91,13 +170,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from promptclip.runs.evaluation import evaluate_target
     from promptclip.runs.inputs import DatasetCache, resolve_device
 
-    prompt_dir = Path(args.prompt) if args.prompt else None
-    if prompt_dir is not None and not prompt_dir.is_dir():
-        raise CLIError(f"--prompt {prompt_dir}: no such folder; give a saved prompt folder (a run's prompt/)")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size {args.batch_size}: give at least 1 image per batch")
+    if args.num_workers < 0:
+        raise CLIError(f"--num-workers {args.num_workers}: give 0 (load in this process) or more")
+    prompt_dir = prompt_folder(args.prompt)
     with user_errors():
         device = resolve_device(args.device)
-        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
-        clip = load_clip(arch, weights, device=device)
+        clip = backbone_source(prompt_dir, args.arch, args.weights).load(device)
         # The same evaluation pipeline as a run's (`promptclip.runs.evaluation`), on the flags' data.
         data = DataConfig(
             dataset=args.dataset,

@@ -42,8 +42,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from promptclip.clip.weights import load_clip
-    from promptclip.commands.evaluate import backbone_source
+    from promptclip.commands.evaluate import backbone_source, prompt_folder
     from promptclip.commands.predict import build_predictor, class_list, load_images
     from promptclip.errors import CLIError
     from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
@@ -52,12 +51,11 @@ def run_explain(args: argparse.Namespace) -> int:
     if args.size < 32:
         raise CLIError("--size must be at least 32 pixels")
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}_gradcam.png")
+    prompt_dir = prompt_folder(args.prompt)
     with user_errors():
         names, template = class_list(args)
         device = resolve_device(args.device)
-        prompt_dir = Path(args.prompt)
-        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
-        clip = load_clip(arch, weights, device=device)
+        clip = backbone_source(prompt_dir, args.arch, args.weights).load(device)
         tuned = build_predictor(clip, prompt_dir, names, args.template or template, ensemble=False).to(device)
         zero_shot = ZeroShotCLIP(
             clip, tuned.classnames, ZeroShotConfig(), template=args.template or template or tuned.template

@@ -87,8 +87,7 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def run_gradcam(args: argparse.Namespace) -> int:
-    from promptclip.clip.weights import load_clip
-    from promptclip.commands.evaluate import backbone_source
+    from promptclip.commands.evaluate import backbone_source, prompt_folder
     from promptclip.errors import CLIError
     from promptclip.runs.inputs import resolve_device
 
@@ -96,13 +95,12 @@ def run_gradcam(args: argparse.Namespace) -> int:
         raise CLIError(f"--threshold {args.threshold}: give a value in [0, 1]")
     if args.batch_size < 1:
         raise CLIError("--batch-size must be at least 1")
+    prompt_dir = prompt_folder(args.prompt)
     with user_errors():
         splits = _dataset(args)
         data = _images_of(splits, args.split, args.shots, args.seed)
         device = resolve_device(args.device)
-        prompt_dir = Path(args.prompt) if args.prompt else None
-        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
-        clip = load_clip(arch, weights, device=device)
+        clip = backbone_source(prompt_dir, args.arch, args.weights).load(device)
         learner = _scoring_learner(clip, prompt_dir, splits)
     out = Path(args.out).expanduser()
     written, kept = write_gradcam_masks(

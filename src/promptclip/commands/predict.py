@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from promptclip.commands.evaluate import add_backbone_arguments, backbone_source
+from promptclip.commands.evaluate import add_backbone_arguments, backbone_source, prompt_folder
 from promptclip.commands.run import user_errors
 
 BATCH = 32
@@ -33,10 +33,30 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_predict)
 
 
+def check_template(template: str | None) -> None:
+    """A --template must hold the class name's place once, as `{}` (it is filled with str.format)."""
+    import string
+
+    from promptclip.errors import CLIError
+
+    if template is None:
+        return
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:  # a lone { or }
+        fields = [f"({err})"]
+    if fields not in ([""], ["0"]):
+        raise CLIError(
+            f"--template {template!r}: the template must hold the class name's place exactly once, as {{}} (write "
+            "a literal brace as {{ or }}), e.g. --template 'a photo of a {}.'"
+        )
+
+
 def class_list(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
     """(class names, template) from --classes or --dataset; (None, None) to use the prompt's own."""
     from promptclip.errors import CLIError
 
+    check_template(args.template)
     if args.classes and args.dataset:
         raise CLIError("give either --classes or --dataset, not both")
     if args.classes:
@@ -55,19 +75,17 @@ def class_list(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from promptclip.clip.weights import load_clip
     from promptclip.engine.evaluate import predict_probabilities
     from promptclip.errors import CLIError
     from promptclip.runs.inputs import resolve_device
 
     if args.topk < 1:
         raise CLIError("--topk must be at least 1")
+    prompt_dir = prompt_folder(args.prompt)
     with user_errors():
         names, template = class_list(args)
         device = resolve_device(args.device)
-        prompt_dir = Path(args.prompt) if args.prompt else None
-        arch, weights = backbone_source(prompt_dir, args.arch, args.weights)
-        clip = load_clip(arch, weights, device=device)
+        clip = backbone_source(prompt_dir, args.arch, args.weights).load(device)
         learner = build_predictor(clip, prompt_dir, names, args.template or template, args.ensemble).to(device)
         pixels = load_images(args.images, clip.image_size)
         probabilities = [

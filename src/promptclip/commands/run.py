@@ -102,7 +102,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print only the summary (log.txt still gets it all)")
 
 
-def run_options(args: argparse.Namespace) -> Any:
+def run_options(args: argparse.Namespace, cfg: RunConfig) -> Any:
     from promptclip.runs import RunOptions
 
     return RunOptions(
@@ -111,7 +111,16 @@ def run_options(args: argparse.Namespace) -> Any:
         progress=False if (args.no_progress or args.quiet) else None,
         tensorboard=args.tensorboard,
         echo=not args.quiet,
+        allow_torchscript=backbone_named_on_command_line(args.opts, cfg),
     )
+
+
+def backbone_named_on_command_line(opts: Sequence[str], cfg: RunConfig) -> bool:
+    """Whether `--opts` named the weights path the run opens (model.weights, or model.arch when no weights file
+    is set, or the whole model section): only then may it be a TorchScript archive. A recipe is a file, and a
+    path read from a file never opens one."""
+    keys = set(opts[::2])
+    return ("model.weights" if cfg.model.weights is not None else "model.arch") in keys or "model" in keys
 
 
 def split_list(text: str | None, cast: type = str, what: str = "") -> list[Any] | None:
@@ -169,7 +178,7 @@ def run_protocol(args: argparse.Namespace) -> int:
             return dry_run(specs, cfg)
         from promptclip.runs import run_specs
 
-        outcomes = run_specs(specs, cfg, run_options(args), keep_going=args.keep_going)
+        outcomes = run_specs(specs, cfg, run_options(args, cfg), keep_going=args.keep_going)
     failed = [o for o in outcomes if o.status == "failed"]
     from promptclip.engine.distributed import is_main_process
 

@@ -45,7 +45,7 @@ def run_train(args: argparse.Namespace) -> int:
         if args.seed is not None:
             cfg.seed = args.seed
         spec = single_run_spec(cfg, recipe_name(recipe), Path(args.runs_dir or cfg.output_dir), args.output)
-        outcome = execute(spec, cfg, run_options(args))
+        outcome = execute(spec, cfg, run_options(args, cfg))
     run_dir = outcome.run_dir.path if outcome.run_dir is not None else spec.run_dir
     if outcome.status == "skipped":
         print(f"already finished: {run_dir / 'results.json'} (same configuration; --overwrite runs it again)")

@@ -46,6 +46,11 @@ PROMPT_DIR = "prompt"  # a run folder's saved prompt (`save_pretrained`)
 EvalSubset = Literal["base", "new"]
 
 
+class PromptFileError(ValueError):
+    """A saved prompt that cannot be loaded (damaged files, or made for another backbone); the message names
+    the folder or file and what to do."""
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """A run that must finish before this one starts (DPC's stage 1): its whole configuration, and the recipe
@@ -315,7 +320,7 @@ class PromptModel(nn.Module):
         check_backbone(meta, clip, directory, strict=strict_backbone)
         method_cls = get_method(meta["method"])
         if cls is not PromptModel and not issubclass(method_cls, cls):
-            raise ValueError(f"{directory}: holds a {meta['method']} prompt, not a {cls.name} one")
+            raise PromptFileError(f"{directory}: holds a {meta['method']} prompt, not a {cls.name} one")
         cfg: Any = from_dict(method_cls.Config, meta.get("method_cfg") or {}, where="method_cfg")
         # Built for the class names it was saved with, then switched: class-specific tensors can refuse.
         learner = method_cls(clip, meta["classnames"], cfg, template=meta.get("template", "a photo of a {}."))
@@ -326,7 +331,7 @@ class PromptModel(nn.Module):
             try:
                 learner.set_classnames(classnames)
             except ValueError as err:  # e.g. class-specific context: say which prompt refused
-                raise ValueError(f"{directory}: {err}") from None
+                raise PromptFileError(f"{directory}: {err}") from None
         return learner
 
 
@@ -344,9 +349,21 @@ def read_prompt_config(directory: Path) -> dict[str, Any]:
             "save one with learner.save_pretrained(dir) or a training run's prompt/ folder)"
         )
     try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: corrupt prompt config ({err}); re-save the prompt") from None
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PromptFileError(f"{config_path}: corrupt prompt config ({err}); re-save the prompt") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+        raise PromptFileError(
+            f"{config_path}: corrupt prompt config (not a mapping with a 'method' name); re-save the prompt"
+        )
+    names = meta.get("classnames")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise PromptFileError(
+            f"{config_path}: corrupt prompt config ('classnames' must be a list of names); re-save the prompt"
+        )
+    if not isinstance(meta.get("backbone", {}), dict):
+        raise PromptFileError(f"{config_path}: corrupt prompt config ('backbone' is not a mapping); re-save the prompt")
+    return meta
 
 
 def read_prompt_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -354,7 +371,7 @@ def read_prompt_weights(directory: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for a damaged or foreign file
-        raise ValueError(
+        raise PromptFileError(
             f"{path}: not a readable prompt file ({err}); save the prompt again, or run its training run again"
         ) from None
 
@@ -363,13 +380,13 @@ def check_backbone(meta: Mapping[str, Any], clip: CLIP, directory: Path, strict:
     saved = meta.get("backbone", {})
     if saved.get("config") and not _same_architecture(saved["config"], clip):
         saved_arch = saved.get("arch")
-        raise ValueError(
+        raise PromptFileError(
             f"{directory}: prompt was trained on backbone {saved_arch!r}, "
             f"not on the loaded {clip.config.name!r}; load the matching CLIP"
         )
     saved_sha = saved.get("weights_sha256")
     if strict and saved_sha and clip.weights_sha256 and saved_sha != clip.weights_sha256:
-        raise ValueError(
+        raise PromptFileError(
             f"{directory}: prompt was trained on CLIP weights with sha256 {saved_sha[:12]}..., the loaded "
             f"weights have {clip.weights_sha256[:12]}...; load the same weights file "
             "(or pass strict_backbone=False to evaluate it anyway)"

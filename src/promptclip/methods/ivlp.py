@@ -173,7 +173,7 @@ def context_prompt_parts(clip: CLIP, names: Sequence[str], n_ctx: int, ctx_init:
     Words of `ctx_init` past the first n_ctx tokens stay as fixed words (MaPLe's 2 tokens of "a photo of a"
     leave "of a" in place)."""
     lead = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
-    tokens = tokenize([f"{lead} {name}." for name in names], context_length=clip.context_length)
+    tokens = tokenize([f"{lead} {name}." for name in names], context_length=clip.context_length, names=names)
     tokens = tokens.to(clip.token_embedding.weight.device)
     with torch.no_grad():
         embeddings = clip.token_embedding(tokens).float()

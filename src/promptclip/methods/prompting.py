@@ -66,7 +66,8 @@ def build_prompt_parts(clip: CLIP, classnames: Sequence[str], n_ctx: int, suffix
     tokenizer = get_tokenizer()
     placeholder = " ".join([PLACEHOLDER] * n_ctx)
     texts = [f"{placeholder} {suffix.format(name)}".strip() for name in classnames]
-    tokens = tokenize(texts, context_length=clip.context_length).to(clip.token_embedding.weight.device)
+    tokens = tokenize(texts, context_length=clip.context_length, names=classnames)
+    tokens = tokens.to(clip.token_embedding.weight.device)
     with torch.no_grad():
         embeddings = clip.token_embedding(tokens).float()
     name_lens = [len(tokenizer.encode(name)) for name in classnames]
@@ -159,7 +160,8 @@ def encode_templates(
     total: torch.Tensor | None = None
     with torch.no_grad():
         for template in templates:
-            tokens = tokenize([_fill(template, n) for n in classnames], context_length=clip.context_length)
+            texts = [_fill(template, n) for n in classnames]
+            tokens = tokenize(texts, context_length=clip.context_length, names=classnames)
             feats = torch.cat(
                 [
                     F.normalize(clip.encode_text(tokens[i : i + chunk_size].to(device)).float(), dim=-1)

@@ -226,7 +226,8 @@ def template_ensemble(
     total: torch.Tensor | None = None
     with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
         for template in templates:
-            tokens = tokenize([template.format(name) for name in classnames], context_length=clip.context_length)
+            texts = [template.format(name) for name in classnames]
+            tokens = tokenize(texts, context_length=clip.context_length, names=classnames)
             features = torch.cat(
                 [
                     clip.encode_text(tokens[i : i + chunk_size].to(device)).float()

@@ -27,7 +27,12 @@ RANDOM_BACKBONE_SEED = 0
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RunError(
+            f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N (--device, or --opts device)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"device {name!r} was asked for but CUDA is not available; use --opts device cpu")
     return device

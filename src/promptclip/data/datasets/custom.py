@@ -104,6 +104,26 @@ def parse_fractions(value: Any) -> tuple[float, float, float]:
     return fractions  # type: ignore[return-value]
 
 
+def not_utf8_error(path: Path, option: str) -> DatasetError:
+    """A text file (CSV, class-name file) that is not UTF-8: where the first bad byte is, and how to convert."""
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:  # an image, an archive, a spreadsheet's own format
+        kind = "CSV" if option == "csv" else "JSON"
+        return DatasetError(f"{path} (option {option}) is a binary file, not {kind} text; give the {kind} file")
+    try:
+        raw.decode("utf-8")
+        where = ""
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        where = f" (byte 0x{raw[err.start]:02x} on line {line})"
+    converted = path.with_name(f"{path.stem}-utf8{path.suffix}")
+    spreadsheet = ", or save as 'CSV UTF-8' from a spreadsheet" if path.suffix.lower() == ".csv" else ""
+    return DatasetError(
+        f"{path} (option {option}) is not UTF-8 text{where}; it is probably Latin-1 or Windows-1252. Convert it "
+        f"to UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} > {converted}`{spreadsheet}) and give the converted file"
+    )
+
+
 def read_classnames_map(path_text: str, root: Path | None) -> dict[str, str] | list[str]:
     """A JSON class-name file: `{"key": "name"}` (key = folder or CSV label) or a list in label order."""
     path = option_file(path_text, root)
@@ -111,6 +131,8 @@ def read_classnames_map(path_text: str, root: Path | None) -> dict[str, str] | l
         raise DatasetError(f"class-name file {path_text} not found (option classnames); give an existing JSON file")
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise not_utf8_error(path, "classnames") from None
     except json.JSONDecodeError as err:
         raise DatasetError(f'{path} is not valid JSON ({err}); expected {{"folder": "class name"}}') from None
     if isinstance(content, dict) and all(isinstance(v, str) for v in content.values()):
@@ -389,8 +411,11 @@ class CSVDataset(OwnDataset):
         return RawSplits(train, val, test, names, source=source, origin=str(path), keys=keys_by_label)
 
     def _rows(self, path: Path, root: Path) -> list[tuple[int, dict[str, str]]]:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            table = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
+                table = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+        except UnicodeDecodeError:
+            raise not_utf8_error(path, "csv") from None
         if not table:
             raise DatasetError(f"{path} is empty; expected rows `path,label[,classname][,split]`")
         header = [cell.strip().lower() for cell in table[0]]

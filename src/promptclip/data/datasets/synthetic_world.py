@@ -63,14 +63,24 @@ class SyntheticDataset(DatasetBuilder):
         image_size: int = 64,
         spurious: float = 0.0,
     ) -> None:
-        self.task_options = {
-            "seed": int(seed),
-            "train_per_class": int(train_per_class),
-            "val_per_class": int(val_per_class),
-            "test_per_class": int(test_per_class),
-            "image_size": int(image_size),
-            "spurious": float(spurious),
+        given = {
+            "seed": (seed, int),
+            "train_per_class": (train_per_class, int),
+            "val_per_class": (val_per_class, int),
+            "test_per_class": (test_per_class, int),
+            "image_size": (image_size, int),
+            "spurious": (spurious, float),
         }
+        self.task_options: dict[str, int | float] = {}
+        for option, (value, kind) in given.items():
+            try:
+                self.task_options[option] = kind(value)
+            except (TypeError, ValueError):
+                what, example = ("an integer", "64") if kind is int else ("a number", "0.5")
+                raise DatasetError(
+                    f"{self.name}: option {option}={value!r} is not {what}; give one, e.g. --set {option}={example} "
+                    f"(data.options.{option} in a recipe)"
+                ) from None
 
     def build(self, root: str | Path | None) -> DatasetSplits:
         try:
