@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from promptclip.clip.model import CLIP
-from promptclip.clip.tokenizer import TextTooLongError
 from promptclip.data.datasets import DatasetSplits
 from promptclip.data.fewshot import subsample_classes
 from promptclip.engine.checkpoint import seed_everything
@@ -117,8 +116,6 @@ def build_learner(planned: PlannedRun, clip: CLIP, splits: DatasetSplits, contex
     cfg = planned.cfg
     try:
         return learner_for_run(clip, cfg, splits.classnames, splits.template, context)
-    except TextTooLongError:
-        raise  # a class name too long for the text encoder: its own message names the class and the fix
     except ValueError as err:
         raise RunError(
             f"{cfg.method} on {planned.spec.dataset} ({len(splits.classnames)} classes): {err}. Change the "
