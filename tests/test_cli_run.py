@@ -254,8 +254,9 @@ def test_class_specific_context_cannot_transfer_to_other_classes(tmp_path: Path,
     argv += ["--targets", "synthetic_objects", "--seeds", "1", "--runs-dir", str(tmp_path), "--quiet"]
     assert main([*argv, "--opts", "model.weights", str(weights), "method_cfg.csc", "true"]) == 2
     err = capsys.readouterr().err
-    assert "evaluation 'synthetic_objects'" in err and "class-specific context" in err
-    assert not (run_folder(tmp_path, "coop", "cross_dataset") / "results.json").exists()
+    assert "cannot be evaluated on 'synthetic_objects'" in err and "class-specific context" in err
+    assert "nothing was trained" in err  # found before training, not after it
+    assert not list(tmp_path.rglob("last.pt")) and not list(tmp_path.rglob("results.json"))
 
 
 def test_a_method_recipe_takes_plug_ins_on_top_but_not_another_method() -> None:
