@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from promptclip.runs.identity import SHORT
-from promptclip.runs.results import Evaluation, ResultFileError, RunResults, read_results
-from promptclip.runs.rundir import REPLACED_MARK, RESULTS_FILE
+from promptclip.runs.results import REPLACED_MARK, RESULTS_FILE, Evaluation, ResultFileError, RunResults, read_results
 
 Metric = Literal["accuracy", "macro_accuracy"]
 METRICS: tuple[Metric, ...] = ("accuracy", "macro_accuracy")

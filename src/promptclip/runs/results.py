@@ -17,6 +17,9 @@ from typing import Any
 
 from promptclip.runs.identity import RunIdentity
 
+RESULTS_FILE = "results.json"
+REPLACED_MARK = ".replaced-"
+"""`RunDir.move_aside` renames a folder `<name>.replaced-<time>`: the runs in such folders were replaced."""
 SCHEMA = 2
 READABLE_SCHEMAS = (1, 2)
 

@@ -36,14 +36,12 @@ from promptclip.io import atomic_write_json
 from promptclip.methods.base import PROMPT_DIR
 from promptclip.runs.errors import RunFolderError
 from promptclip.runs.identity import SHORT, RunIdentity
+from promptclip.runs.results import REPLACED_MARK, RESULTS_FILE
 
-RESULTS_FILE = "results.json"
 IDENTITY_FILE = "identity.json"
 CONFIG_FILE = "config.yaml"
 STAGE1_DIR = "stage1"
 VARIANT_FILE = "variant.json"
-REPLACED_MARK = ".replaced-"
-"""`move_aside` renames a folder `<name>.replaced-<time>`: the runs in such folders were replaced."""
 LAYOUT = frozenset(
     {CONFIG_FILE, IDENTITY_FILE, LOG_FILE, METRICS_FILE, CHECKPOINT_DIR, PROMPT_DIR, RESULTS_FILE, STAGE1_DIR}
     | {"tensorboard", ".lock"}
