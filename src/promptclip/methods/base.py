@@ -275,9 +275,12 @@ class PromptModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
-    def print_trainable_parameters(self) -> str:
+    def parameter_summary(self) -> str:
         trainable, total = self.num_parameters()
-        line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+        return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> str:
+        line = self.parameter_summary()
         print(line)
         return line
 

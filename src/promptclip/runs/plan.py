@@ -96,14 +96,10 @@ def reusable_prompt(planned: PlannedRun) -> Path | None:
             continue
         run = RunDir(folder / leaf)
         recorded = run.recorded_identity() if run.finished else None
-        if recorded is not None and RunIdentity(recorded).training_id == _training_id(planned):
+        if recorded is not None and RunIdentity(recorded).training_id == planned.identity.training_id:
             prompt = run.path / PROMPT_DIR
             return prompt if prompt.is_dir() else None
     return None
-
-
-def _training_id(planned: PlannedRun) -> str:
-    return planned.identity.training_id
 
 
 def datasets_identity(cfg: RunConfig, datasets: list[str]) -> dict[str, dict[str, Any]]:

@@ -103,16 +103,15 @@ class RunDir:
     @property
     def finished(self) -> bool:
         """results.json is there and readable (a damaged one, cut by a crash or a full disk, is not)."""
-        return self.results.is_file() and not self.results_damaged()
+        return self._results_data() is not None
 
     def results_damaged(self) -> bool:
-        if not self.results.is_file():
-            return False
-        try:
-            data = json.loads(self.results.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return True
-        return not isinstance(data, dict) or not isinstance(data.get("evaluations"), dict)
+        return self.results.is_file() and self._results_data() is None
+
+    def _results_data(self) -> dict[str, Any] | None:
+        """results.json as read, when it is an object holding evaluations; else None."""
+        data = _read_json(self.results)
+        return data if isinstance(data, dict) and isinstance(data.get("evaluations"), dict) else None
 
     def set_aside_damaged_results(self) -> Path | None:
         """Rename a damaged results.json to `results.json.damaged-<time>` (kept; the run writes a new one)."""
@@ -129,17 +128,13 @@ class RunDir:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def recorded_identity(self) -> dict[str, Any] | None:
-        """The identity a run recorded here (results.json, else identity.json); None when there is none."""
-        for path in (self.results, self.identity_file):
-            if path.is_file() and not path.is_symlink():
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                    continue
-                identity = data.get("identity") if isinstance(data, dict) else None
-                if isinstance(identity, dict):
-                    return identity
+    def recorded_identity(self, results: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The identity a run recorded here (results.json, else identity.json); None when there is none.
+        `results`: results.json already read by the caller."""
+        for data in (results if results is not None else _read_json(self.results), _read_json(self.identity_file)):
+            identity = data.get("identity") if isinstance(data, dict) else None
+            if isinstance(identity, dict):
+                return identity
         return None
 
     def has_checkpoint(self) -> bool:
@@ -153,15 +148,16 @@ class RunDir:
             return RunState.FOREIGN  # a run never writes through a link: it could point outside the folder
         if any(e not in LAYOUT and not e.startswith(f"{RESULTS_FILE}.damaged-") for e in entries if e[0] != "."):
             return RunState.FOREIGN
-        recorded = self.recorded_identity()
+        results = self._results_data()  # read once: a large run's results.json holds its confusion cells
+        finished = results is not None
+        recorded = self.recorded_identity(results)
         if recorded is None:
-            return RunState.FOREIGN if not self.finished else RunState.OTHER
-        trained = self.finished or self.has_checkpoint() or self.prompt.exists()
-        if not trained:
+            return RunState.OTHER if finished else RunState.FOREIGN
+        if not (finished or self.has_checkpoint() or self.prompt.exists()):
             return RunState.STARTED
         if RunIdentity(recorded).run_id != identity.run_id:
             return RunState.OTHER
-        return RunState.FINISHED if self.finished else RunState.INTERRUPTED
+        return RunState.FINISHED if finished else RunState.INTERRUPTED
 
     def describe_contents(self, limit: int = 6) -> str:
         entries = self.entries()
@@ -234,11 +230,18 @@ def variant_folder_name(recipe: str, identity: RunIdentity) -> str:
     return f"{recipe}-{identity.variant_id[:SHORT]}"
 
 
-def _claimed_variant(folder: Path) -> str | None:
+def _read_json(path: Path) -> Any:
+    """The parsed content of a JSON file of the run layout; None when it is missing, a link or unreadable."""
+    if path.is_symlink() or not path.is_file():
+        return None
     try:
-        data = json.loads((folder / VARIANT_FILE).read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+
+
+def _claimed_variant(folder: Path) -> str | None:
+    data = _read_json(folder / VARIANT_FILE)
     value = data.get("variant_id") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
 

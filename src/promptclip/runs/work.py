@@ -79,7 +79,7 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
         full = subsample_classes(source, spec.train_subsample) if planned.needs.full_training_classes else None
         context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full)
         learner = build_learner(planned, clip, splits, context).to(device)
-        log(_parameter_line(learner))
+        log(learner.parameter_summary())
         check_targets_servable(learner, planned, datasets, splits)
         train_info = train(learner, splits, planned, clip, device, options, log)
         if stage1_dir is not None:
@@ -198,11 +198,6 @@ def evaluate_all(
             )
         log(describe_counts(target, counts))
     return evaluations
-
-
-def _parameter_line(learner: PromptModel) -> str:
-    trainable, total = learner.num_parameters()
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
 def train(
