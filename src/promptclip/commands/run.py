@@ -144,8 +144,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run",
         help="run a protocol sweep (few-shot, base-to-novel, cross-dataset, ...)",
-        description="Expand a protocol into runs (datasets x shots x seeds, ...) and execute them; runs whose "
-        "results.json exists are skipped.",
+        description="Expand a protocol into runs (datasets x shots x seeds, ...) and execute them; a run is "
+        "skipped when a finished run of the same configuration (identity) exists.",
     )
     parser.add_argument("protocol", choices=PROTOCOL_NAMES)
     parser.add_argument("--method", help="method (and plug-ins), e.g. coop or maple+dapt; default: the recipe's")
