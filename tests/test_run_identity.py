@@ -69,6 +69,18 @@ def test_identity_holds_what_changes_numbers_and_nothing_else() -> None:
     assert identity_of({}, runs_dir=Path("other")).run_id == base.run_id
 
 
+def test_augmentation_settings_are_in_the_identity_and_defaults_keep_earlier_identities() -> None:
+    base = identity_of({})
+    assert not any(key in base.values for key in ("data.augment", "data.crop_scale", "data.flip"))
+    assert identity_of({"data": {"augment": "random_resized_crop", "crop_scale": [0.08, 1], "flip": True}}) == base
+    none = identity_of({"data": {"augment": "none"}})
+    assert len({base.run_id, none.run_id}) == 2 and none.values["data.augment"] == "none"
+    assert identity_of({"data": {"crop_scale": [0.5, 1.0]}}).values["data.crop_scale"] == [0.5, 1.0]
+    assert identity_of({"data": {"flip": False}}).run_id not in (base.run_id, none.run_id)
+    # Without random augmentation the crop range and the flip change nothing, so they are left out.
+    assert identity_of({"data": {"augment": "none", "crop_scale": [0.5, 1.0], "flip": False}}) == none
+
+
 def test_seeds_and_shots_share_a_variant_and_other_keys_do_not() -> None:
     base = identity_of({})
     assert identity_of({}, seeds=[3]).variant_id == base.variant_id

@@ -50,6 +50,13 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 100
     num_workers: int = 0
+    augment: Literal["random_resized_crop", "none"] = "random_resized_crop"
+    """Training augmentation: the field's random resized crop (`crop_scale`) and horizontal flip (`flip`), or
+    `none`: the evaluation transform (short side resized, centre crop), the same pixels every epoch."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the random resized crop, as fractions of the image: [low, high], 0 < low <= high <= 1."""
+    flip: bool = True
+    """Random horizontal flip (probability 0.5) after the random resized crop."""
     options: dict[str, Any] = field(default_factory=dict)
     """Dataset-specific options (e.g. the synthetic world's `spurious`)."""
     on_bad_image: Literal["error", "skip"] = "error"
@@ -244,6 +251,10 @@ _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.eval_batch_size": (lambda v: v >= 1, "at least 1"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.crop_scale": (
+        lambda v: len(v) == 2 and all(math.isfinite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
+        "two numbers [low, high] with 0 < low <= high <= 1, such as [0.5, 1.0]",
+    ),
     "seed": (lambda v: v >= 0, "0 or more"),
 }
 

@@ -60,8 +60,9 @@ def seed_worker(seed: int, epoch: int, worker_id: int) -> None:
 class SplitDataset(Dataset):
     """The items of one split as dicts; augmentation is seeded per (seed, epoch, index).
 
-    `in_memory=True` decodes every image (and mask) once, up front, and augments the decoded copy each
-    epoch: meant for small few-shot sets.
+    `train` with `augment` gives random resized crops (area `scale`) flipped with probability `flip_p`;
+    otherwise every item gets the deterministic evaluation crop. `in_memory=True` decodes every image (and
+    mask) once, up front, and augments the decoded copy each epoch: meant for small few-shot sets.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class SplitDataset(Dataset):
         in_memory: bool = False,
         scale: tuple[float, float] = (0.08, 1.0),
         flip_p: float = 0.5,
+        augment: bool = True,
     ) -> None:
         if with_masks and not splits.has_masks:
             raise MaskError(
@@ -85,11 +87,12 @@ class SplitDataset(Dataset):
         self.splits = splits
         self.data = list(data)
         self.train = train
+        self.random_crops = train and augment
         self.with_masks = with_masks
         self.seed = seed
         self.epoch = 0
         self.transform: Any
-        if train:
+        if self.random_crops:
             self.transform = (PairedTrainTransform if with_masks else TrainTransform)(
                 image_size, scale=scale, flip_p=flip_p
             )
@@ -135,13 +138,13 @@ class SplitDataset(Dataset):
         datum = self.data[index]
         image, mask = self._decoded[index] if self._decoded is not None else self._decode(datum)
         generator = None
-        if self.train:
+        if self.random_crops:
             generator = torch.Generator().manual_seed(derive_seed(_SAMPLE, self.seed, self.epoch, index))
         item: dict[str, Any] = {"label": datum.label, "index": index, "path": datum.path}
         if mask is None:
-            item["image"] = self.transform(image, generator) if self.train else self.transform(image)
+            item["image"] = self.transform(image, generator) if self.random_crops else self.transform(image)
             return item
-        if self.train:
+        if self.random_crops:
             pixels, mask_values = self.transform(image, mask, generator)
         else:
             pixels, mask_values = self.transform(image, mask)
@@ -224,13 +227,14 @@ def build_loader(
     drop_last: bool | None = None,
     scale: tuple[float, float] = (0.08, 1.0),
     flip_p: float = 0.5,
+    augment: bool = True,
     pin_memory: bool = False,
 ) -> EpochLoader:
     """A loader over a split (by name, or an explicit list of `Datum`).
 
-    `train` (default: the split is "train") selects the random crop + flip, shuffling and `drop_last`
-    (each overridable); evaluation resizes the short side and centre-crops. `with_masks` defaults to
-    "training on a dataset with masks attached".
+    `train` (default: the split is "train") selects the random crop (area `scale`) + flip (`flip_p`),
+    shuffling and `drop_last` (each overridable); evaluation, and training with `augment=False`, resize the
+    short side and centre-crop. `with_masks` defaults to "training on a dataset with masks attached".
     """
     name = split if isinstance(split, str) else "given"
     data = splits.split(split) if isinstance(split, str) else list(split)
@@ -247,6 +251,7 @@ def build_loader(
         in_memory=in_memory,
         scale=scale,
         flip_p=flip_p,
+        augment=augment,
     )
     return EpochLoader(
         dataset,

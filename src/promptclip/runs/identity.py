@@ -5,7 +5,10 @@ The identity is a flat mapping of dotted keys (`optim.lr`, `method_cfg.n_ctx`, `
 sweep reuses a finished run only when its identity is equal, and never writes over a run of another one.
 
 Left out on purpose: where the data and the runs live (`data.root`, `output_dir`), how the work is spread
-(`device`, `data.num_workers`, `data.eval_batch_size`), and the recipe's *name* (its content is in).
+(`device`, `data.num_workers`, `data.eval_batch_size`), and the recipe's *name* (its content is in). Keys added
+to the config after runs were recorded (`LATER_KEYS`) enter only with values other than their defaults, so
+the runs recorded before keep their identities; `data.crop_scale` and `data.flip` do not enter at all with
+`data.augment none`, where they change nothing.
 
 Three fingerprints are derived from it:
 * `run_id`: the whole identity (one run);
@@ -23,13 +26,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from promptclip.config import RunConfig, to_dict
+from promptclip.config import DataConfig, RunConfig, to_dict
 
 LEAF_KEYS = frozenset({"seed", "data.shots", "data.ratio", "data.selector"})
 EVALUATION_KEYS = frozenset({"protocol", "targets"})
 # Run-config keys that cannot change a run's numbers (see the module docstring).
 NEUTRAL_KEYS = frozenset({"output_dir", "device", "data.root", "data.num_workers", "data.eval_batch_size"})
 SHORT = 8  # hex digits of a fingerprint shown in folder names and labels
+_DATA_DEFAULTS = to_dict(DataConfig())
+# Keys added after the first runs were recorded, with the value those runs used: absent at that value.
+LATER_KEYS: dict[str, Any] = {f"data.{key}": _DATA_DEFAULTS[key] for key in ("augment", "crop_scale", "flip")}
+_RANDOM_AUGMENT_KEYS = ("data.crop_scale", "data.flip")  # no effect without random augmentation
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -91,7 +98,17 @@ def config_identity(cfg: RunConfig) -> dict[str, Any]:
     """The identity keys of a run config: every key but the neutral ones and the dataset options (which
     `run_identity` takes from the datasets' own root-independent identities)."""
     values = flatten(to_dict(cfg))
-    return {k: v for k, v in values.items() if k not in NEUTRAL_KEYS and not k.startswith("data.options")}
+    if values.get("data.augment") == "none":
+        values = {k: v for k, v in values.items() if k not in _RANDOM_AUGMENT_KEYS}
+    return {
+        k: v
+        for k, v in values.items()
+        if k not in NEUTRAL_KEYS and not k.startswith("data.options") and not _later_key_at_default(k, v)
+    }
+
+
+def _later_key_at_default(key: str, value: Any) -> bool:
+    return key in LATER_KEYS and value == LATER_KEYS[key]
 
 
 def run_identity(

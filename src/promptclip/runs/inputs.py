@@ -225,6 +225,9 @@ def train_loader(
         num_workers=cfg.data.num_workers,
         with_masks=masks,
         in_memory=len(splits.train) <= IN_MEMORY_MAX_IMAGES,
+        augment=cfg.data.augment != "none",
+        scale=cfg.data.crop_scale,
+        flip_p=0.5 if cfg.data.flip else 0.0,
         pin_memory=device.type == "cuda",
     )
 
