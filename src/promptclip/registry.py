@@ -70,7 +70,7 @@ class Registry(Generic[T]):
 
 
 METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "maple", "ivlp", "promptsrc", "promptkd")
-PLUGIN_MODULES = ("dapt", "dpc")
+PLUGIN_MODULES = ("dapt", "dpc", "dept")
 
 METHODS: Registry = Registry("method", tuple(f"promptclip.methods.{m}" for m in METHOD_MODULES))
 PLUGINS: Registry = Registry("plug-in", tuple(f"promptclip.plugins.{m}" for m in PLUGIN_MODULES))

@@ -10,12 +10,16 @@ cosine schedule stepped once per epoch behind a constant warm-up. The schedule r
   run with one warm-up epoch sits at `(1 + cos(48 pi / 50)) / 2 = 0.4%` of the base rate).
 
 The value is computed in closed form from the epoch index, so a resumed run needs only that index.
+
+A learner may train some tensors at a multiple of the recipe's rate (`learning_rate_scales`, e.g. DePT's head at
+6.5x): they get a parameter group of their own whose cosine starts from `lr * scale`; the warm-up rate is the
+same for every group, as in Dassl, whose constant warm-up sets one value for all groups.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,10 +27,36 @@ from torch import nn
 
 from promptclip.config import OptimConfig
 
+LR_SCALE = "lr_scale"
+"""Key of a parameter group's multiple of the scheduled learning rate (absent: 1)."""
 
-def build_optimizer(parameters: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimiser of `cfg` over `parameters` (the learner's trainable tensors, nothing else)."""
-    params = [p for p in parameters if p.requires_grad]
+
+def parameter_groups(parameters: Mapping[str, nn.Parameter], scales: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The trainable `parameters` (by name) in one group per learning-rate scale, the 1x group first; `scales`
+    names the tensors that train at another multiple of the rate."""
+    unknown = sorted(set(scales) - set(parameters))
+    if unknown:
+        raise ValueError(f"learning-rate scales name tensors that are not trainable: {unknown[:5]}")
+    bad = {name: scale for name, scale in scales.items() if not (math.isfinite(scale) and scale > 0)}
+    if bad:
+        raise ValueError(f"learning-rate scales must be numbers greater than 0, got {bad}")
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for name, param in parameters.items():
+        groups.setdefault(float(scales.get(name, 1.0)), []).append(param)
+    return [{"params": params, LR_SCALE: scale} for scale, params in groups.items() if params]
+
+
+def build_optimizer(
+    parameters: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """The optimiser of `cfg` over `parameters` (the learner's trainable tensors, nothing else), or over the
+    parameter groups of `parameter_groups`."""
+    params: list[Any] = list(parameters)
+    if params and isinstance(params[0], dict):
+        params = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in params]
+        params = [group for group in params if group["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("nothing to optimise: the learner has no trainable parameters")
     if cfg.name == "sgd":
@@ -58,8 +88,9 @@ class WarmupCosineSchedule:
         self.epoch = 0
         self._apply()
 
-    def lr_at(self, epoch: int) -> float:
-        return warmup_cosine_lr(epoch, self.base_lr, self.epochs, self.warmup_epochs, self.warmup_lr)
+    def lr_at(self, epoch: int, scale: float = 1.0) -> float:
+        """The rate of a group whose tensors train at `scale` times the recipe's (the warm-up is not scaled)."""
+        return warmup_cosine_lr(epoch, self.base_lr * scale, self.epochs, self.warmup_epochs, self.warmup_lr)
 
     def get_last_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups]
@@ -69,9 +100,8 @@ class WarmupCosineSchedule:
         self._apply()
 
     def _apply(self) -> None:
-        lr = self.lr_at(self.epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr_at(self.epoch, group.get(LR_SCALE, 1.0))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -37,7 +37,7 @@ from promptclip.engine.checkpoint import (
 from promptclip.engine.distributed import DataParallel
 from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled
 from promptclip.engine.learner import Learner
-from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer
+from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from promptclip.faults import fault_point
 from promptclip.io import atomic_write_text
 
@@ -224,11 +224,14 @@ class Trainer:
         self.data_parallel = data_parallel
         self.is_main = data_parallel is None or data_parallel.is_main
         learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
-        self.parameters = list(learner.trainable_parameters().values())
+        trainable = learner.trainable_parameters()
+        self.parameters = list(trainable.values())
         self._divergence_limit = DIVERGENCE_FACTOR * max(
             [1.0, *(float(p.detach().abs().max()) for p in self.parameters if p.numel())]
         )
-        self.optimizer = build_optimizer(self.parameters, optim)
+        scales = learner.learning_rate_scales()
+        # Without scales, one plain group: the optimiser state of every earlier checkpoint loads unchanged.
+        self.optimizer = build_optimizer(parameter_groups(trainable, scales) if scales else self.parameters, optim)
         self.schedule = WarmupCosineSchedule(self.optimizer, optim)
         use_scaler = self.device.type == "cuda" and precision == "fp16"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None

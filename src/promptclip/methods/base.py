@@ -8,6 +8,7 @@ A learner wraps the frozen CLIP and a set of class names. The engine only ever c
 * `forward(batch)` -> `LearnerOutput(logits, image_features, text_features)`;
 * `loss(batch, output)` -> named, already weighted loss terms (the engine sums them);
 * `set_classnames(names)`; `trainable_state()` / `load_trainable_state()`; `on_epoch_end(epoch, epochs)`;
+* `learning_rate_scales()`: tensors that train at a multiple of the recipe's learning rate (default none);
 * `set_template(template)`, `set_eval_subset("base" | "new")`, `training_state()` / `load_training_state()`;
 * `needs(cfg, run)` (a class method): what a run must supply beyond the data (`RunNeeds`: masks, a stage-1
   run, transductive data, the training classes' full image set), read once by the run layer.
@@ -239,6 +240,11 @@ class PromptModel(nn.Module):
     # -- trainable state -----------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def learning_rate_scales(self) -> dict[str, float]:
+        """Trainable tensors (named as in `trainable_parameters`) that train at a multiple of the recipe's
+        learning rate (DePT's head: 6.5x); the others train at the recipe's rate."""
+        return {}
 
     def extra_state_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers that training changes and a checkpoint must keep (e.g. BatchNorm statistics)."""

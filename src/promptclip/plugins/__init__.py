@@ -1,4 +1,4 @@
-"""Plug-ins that wrap a learner and keep its contract (DAPT, DPC). Importing one registers it in PLUGINS."""
+"""Plug-ins that wrap a learner and keep its contract (DAPT, DPC, DePT). Importing one registers it in PLUGINS."""
 
 from __future__ import annotations
 

@@ -105,6 +105,10 @@ class PluginModel(PromptModel):
     def extra_state_buffers(self) -> dict[str, torch.Tensor]:
         return {f"inner.{k}": v for k, v in self.inner.extra_state_buffers().items()}
 
+    def learning_rate_scales(self) -> dict[str, float]:
+        """The inner learner's (under `inner.`, the name its tensors have here); plug-ins add their own."""
+        return {f"inner.{k}": v for k, v in self.inner.learning_rate_scales().items()}
+
     def describe(self) -> dict[str, Any]:
         inner = self.inner.describe()
         return {**inner, "plugins": {**inner["plugins"], self.name: to_dict(self.cfg)}}
