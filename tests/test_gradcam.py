@@ -146,7 +146,7 @@ def test_masks_gradcam_writes_the_mask_store_layout(clip_file: Path, tmp_path: P
 
 def test_masks_show_renders_image_and_overlay_pairs(tmp_path: Path) -> None:
     from promptclip.cli import main
-    from promptclip.commands.masks import CAPTION, GAP, TILE
+    from promptclip.reports.tiles import CAPTION, GAP, TILE
 
     out = tmp_path / "sheet.png"
     assert main(["masks", "show", *SHAPES, "--count", "3", "--out", str(out)]) == 0

@@ -2,6 +2,11 @@
 
 Each subsystem adds its own sub-commands through an `add_commands(subparsers)` function, so this file only
 wires them together; a sub-command sets `func(args) -> int` as its handler.
+
+Building the parser imports no torch (nor anything that does): `promptclip --help` and a mistyped option answer
+at once. A command module imports its heavy dependencies inside its handler; one whose option defaults live in
+such a module adds its options through `add_parser(..., options=add)`, called only when that command is chosen
+or its help is shown (`CommandParser`).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import importlib
 import shlex
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from promptclip.errors import CLIError, user_error_message
 
@@ -33,11 +39,40 @@ COMMAND_MODULES = (
 )
 
 
-__all__ = ["CLIError", "build_parser", "main"]
+__all__ = ["CLIError", "CommandParser", "build_parser", "main"]
+
+OptionAdder = Callable[[argparse.ArgumentParser], None]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose options may be added on first use: `subparsers.add_parser(name,
+    options=add)` calls `add(parser)` when the command is parsed or its help or usage is shown, not when the
+    command line is built."""
+
+    def __init__(self, *args: Any, options: OptionAdder | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_options = options
+
+    def _add_pending_options(self) -> None:
+        if self._pending_options is not None:
+            add, self._pending_options = self._pending_options, None
+            add(self)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        self._add_pending_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._add_pending_options()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_pending_options()
+        return super().format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="promptclip",
         description="Prompt tuning of CLIP: DAPT, DPC and the CoOp family.",
     )
@@ -87,16 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def plain_warnings() -> Iterator[None]:
-    """promptclip's own warnings (a TorchScript archive being opened) as one `promptclip: warning:` line each,
-    every time; other warnings as Python shows them."""
-    from promptclip.clip.errors import TorchScriptWarning
+    """promptclip's own warnings (a TorchScript archive being opened, weights loaded under an assumed activation)
+    as one `promptclip: warning:` line each, every time; other warnings as Python shows them."""
+    from promptclip.clip.errors import ActivationWarning, TorchScriptWarning
 
+    own = (TorchScriptWarning, ActivationWarning)
     with warnings.catch_warnings():
-        warnings.simplefilter("always", TorchScriptWarning)
+        for category in own:
+            warnings.simplefilter("always", category)
         shown = warnings.showwarning
 
         def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
-            if issubclass(category, TorchScriptWarning):
+            if issubclass(category, own):
                 print(f"promptclip: warning: {message}", file=sys.stderr)
             else:
                 shown(message, category, *args, **kwargs)  # type: ignore[arg-type]

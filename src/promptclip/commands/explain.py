@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from promptclip.classnames import prompt_name
 from promptclip.commands.run import user_errors
+
+if TYPE_CHECKING:  # imported when the command runs, so that building the command line imports no torch
+    import numpy as np
+    import torch
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -63,14 +64,17 @@ def run_explain(args: argparse.Namespace) -> int:
         pixels = load_images([args.image], clip.image_size).to(device)
     target = _target_class(args.target, tuned, pixels)
     panels = explain_panels(tuned, zero_shot, pixels, target, args.size)
-    from promptclip.commands.masks import _save_png, grid_image
+    from promptclip.commands.masks import save_png
+    from promptclip.reports.tiles import grid_image
 
-    _save_png(grid_image([panels]), out)
+    save_png(grid_image([panels]), out)
     print(f"{args.image}: Grad-CAM of {tuned.classnames[target]!r} written to {out}")
     return 0
 
 
 def _target_class(name: str | None, learner: Any, pixels: torch.Tensor) -> int:
+    import torch
+
     from promptclip.errors import CLIError
 
     if name is None:
@@ -85,6 +89,8 @@ def _target_class(name: str | None, learner: Any, pixels: torch.Tensor) -> int:
 
 
 def probabilities(learner: Any, pixels: torch.Tensor) -> torch.Tensor:
+    import torch
+
     learner.eval()
     with torch.no_grad():
         return learner({"image": pixels}).logits.float().softmax(dim=-1)[0].cpu()
@@ -92,9 +98,11 @@ def probabilities(learner: Any, pixels: torch.Tensor) -> torch.Tensor:
 
 def explain_panels(tuned: Any, zero_shot: Any, pixels: torch.Tensor, target: int, size: int = 224) -> list[np.ndarray]:
     """[input crop, tuned heat overlay, zero-shot heat overlay] as captioned uint8 tiles."""
+    import torch
+
     from promptclip.clip.transforms import CLIP_MEAN, CLIP_STD
-    from promptclip.commands.masks import captioned, heat_overlay
     from promptclip.plugins.gradcam import gradcam
+    from promptclip.reports.tiles import captioned, heat_overlay
 
     label = torch.tensor([target], device=pixels.device)
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(3, 1, 1)
@@ -111,12 +119,15 @@ def explain_panels(tuned: Any, zero_shot: Any, pixels: torch.Tensor, target: int
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    import numpy as np
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def _resize_heat(heat: np.ndarray, size: int) -> np.ndarray:
+    import torch
+
     tensor = torch.from_numpy(heat)[None, None].float()
     resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)
     return resized[0, 0].numpy()

@@ -14,15 +14,21 @@ DEFAULT_OUT = Path("runs") / "pretrain" / "tiny-synthetic"
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    from promptclip.pretraining import PretrainConfig
-
-    defaults = PretrainConfig()
-    parser = subparsers.add_parser(
+    # The defaults come from PretrainConfig, whose package imports torch: the options are added only when
+    # this command is chosen (promptclip.cli.CommandParser).
+    subparsers.add_parser(
         "pretrain",
         help="pretrain the tiny CLIP on the synthetic world (image-caption contrastive)",
         description="Contrastive image-caption pretraining of a tiny CLIP on the synthetic world. Resumes from "
         "OUT/checkpoint.pt when it exists (same settings), so an interrupted run continues where it stopped.",
+        options=add_pretrain_options,
     )
+
+
+def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
+    from promptclip.pretraining import PretrainConfig
+
+    defaults = PretrainConfig()
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"run folder (default {DEFAULT_OUT})")
     parser.add_argument(
         "--export", type=Path, default=None, help="weights file to write (default OUT/tiny-synthetic.safetensors)"
