@@ -1,6 +1,11 @@
 """Architecture names and where their weights are found: the names `load_clip` accepts (architecture configs
 in `clip/archs/`, bundled models in `assets/`), the weights folder (`$PROMPTCLIP_WEIGHTS`), and the table of
 `promptclip list archs`. Nothing here reads a weights file.
+
+A name may state the MLP activation, which a state dict cannot show. promptclip's plain names (`ViT-B-16`,
+OpenAI's `ViT-B/16`) are OpenAI's models, QuickGELU. open_clip's names are accepted with open_clip's meaning:
+`ViT-B-16-quickgelu` is QuickGELU (the same model as `ViT-B-16`), and open_clip's plain `ViT-B-16`, GELU (its
+LAION-2B and DataComp weights), is written `open_clip:ViT-B-16` or `ViT-B-16-gelu` (its canonical name here).
 """
 
 from __future__ import annotations
@@ -8,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from promptclip.clip.errors import MissingWeightsError, WeightsError
-from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.model import CLIP, GELU, QUICK_GELU, ArchConfig
 
 __all__ = [
     "RANDOM_WEIGHTS",
@@ -28,6 +34,7 @@ __all__ = [
     "match_known",
     "parameter_count",
     "resolve",
+    "stated_activation",
     "weights_dir",
 ]
 
@@ -39,6 +46,10 @@ WEIGHT_SUFFIXES = (".pt", ".safetensors", ".pth", ".bin")
 # OpenAI's own spellings of the architectures and of its published file names.
 _NAME_ALIASES = {"ViT-L/14@336px": "ViT-L-14-336", "ViT-L-14@336px": "ViT-L-14-336", "ViT-L-14-336px": "ViT-L-14-336"}
 _OPENAI_FILE_STEMS = {"ViT-L-14-336": ("ViT-L-14-336px",)}
+
+# How a name states its activation: open_clip's prefix (its plain names are GELU) and suffixes.
+OPEN_CLIP_PREFIX = "open_clip:"
+_ACTIVATION_SUFFIXES = {"-quickgelu": QUICK_GELU, "-gelu": GELU}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -71,15 +82,60 @@ def available_archs() -> list[str]:
     return [*_arch_json_names(), *(n for n in _bundled_names() if n not in _arch_json_names())]
 
 
-def canonical_name(name: str) -> str | None:
-    """`ViT-B/16`, `vit-b-16` and `ViT-B-16` all name `ViT-B-16`; None for an unknown name."""
+def split_activation(name: str) -> tuple[str, str | None]:
+    """(base name, the activation the name states, or None): `open_clip:ViT-B-16` -> (`ViT-B-16`, gelu),
+    `ViT-B-16-quickgelu` -> (`ViT-B-16`, quick_gelu), `ViT-B-16-gelu` -> (`ViT-B-16`, gelu), `ViT-B-16` ->
+    (`ViT-B-16`, None)."""
+    base, stated = name, None
+    open_clip = base.lower().startswith(OPEN_CLIP_PREFIX)
+    if open_clip:
+        base = base[len(OPEN_CLIP_PREFIX) :]
+    for suffix, activation in _ACTIVATION_SUFFIXES.items():
+        if base.lower().endswith(suffix):
+            base, stated = base[: -len(suffix)], activation
+            break
+    if open_clip and stated is None:
+        stated = GELU  # open_clip's plain names build GELU models
+    return base, stated
+
+
+def _known_base(name: str) -> str | None:
     name = _NAME_ALIASES.get(name, name).replace("/", "-")
     by_lower = {known.lower(): known for known in available_archs()}
     return by_lower.get(name.lower())
 
 
+def canonical_name(name: str) -> str | None:
+    """`ViT-B/16`, `vit-b-16`, `ViT-B-16` and open_clip's `ViT-B-16-quickgelu` all name `ViT-B-16` (OpenAI's
+    QuickGELU model); open_clip's GELU `ViT-B-16` (`open_clip:ViT-B-16`) is `ViT-B-16-gelu`. None for an unknown
+    name."""
+    base, stated = split_activation(name)
+    known = _known_base(base)
+    if known is None:
+        return None
+    return f"{known}-gelu" if stated == GELU else known
+
+
+def stated_activation(name: str | os.PathLike[str]) -> str | None:
+    """The activation a name states (see `split_activation`), or that an architecture JSON file gives in its
+    `activation` field; None for promptclip's plain names (OpenAI's QuickGELU unless the weights say otherwise)
+    and for weights paths."""
+    text = str(name)
+    if text.endswith(".json") and Path(text).is_file():
+        try:
+            data = json.loads(Path(text).read_text())
+        except (OSError, ValueError):
+            return None  # arch_config reports the broken file
+        value = data.get("activation") if isinstance(data, dict) else None
+        return str(value) if value is not None else None
+    if isinstance(name, os.PathLike) or canonical_name(text) is None:
+        return None
+    return split_activation(text)[1]
+
+
 def arch_config(name: str | os.PathLike[str]) -> ArchConfig:
-    """The ArchConfig of a known architecture name, a bundled model, or an architecture JSON file."""
+    """The ArchConfig of a known architecture name (with the activation it states), a bundled model, or an
+    architecture JSON file."""
     if str(name).endswith(".json") and Path(name).is_file():
         try:
             return ArchConfig.from_json(Path(name))
@@ -88,11 +144,18 @@ def arch_config(name: str | os.PathLike[str]) -> ArchConfig:
                 f"{name}: not an architecture file ({type(err).__name__}: {err}); copy one of "
                 "promptclip/clip/archs/*.json and edit its values"
             ) from None
-    known = canonical_name(str(name))
+    base, stated = split_activation(str(name))
+    known = _known_base(base)
     if known is None:
-        raise WeightsError(f"unknown architecture {str(name)!r}; known: {', '.join(available_archs())}")
+        raise WeightsError(
+            f"unknown architecture {str(name)!r}; known: {', '.join(available_archs())} (open_clip's names too: "
+            "<name>-quickgelu, open_clip:<name>)"
+        )
     path = _archs_dir() / f"{known}.json"
-    return ArchConfig.from_json(path if path.is_file() else _assets_dir() / f"{known}.json")
+    cfg = ArchConfig.from_json(path if path.is_file() else _assets_dir() / f"{known}.json")
+    if stated is None or stated == cfg.activation:
+        return cfg
+    return dataclasses.replace(cfg, name=canonical_name(str(name)) or cfg.name, activation=stated)
 
 
 def _known_configs() -> list[ArchConfig]:
@@ -230,5 +293,8 @@ def describe_archs() -> str:
         "<name>.safetensors, <name>.pth, <name>.bin, OpenAI's file names (ViT-L-14-336px.pt) and a "
         "Hugging Face folder <name>/; nothing is downloaded.",
         f"Any architecture also builds with random weights: load_clip(name, weights={RANDOM_WEIGHTS!r}).",
+        "These names are OpenAI's models (QuickGELU). open_clip's names state their activation: "
+        "<name>-quickgelu (QuickGELU: OpenAI, LAION-400M, MetaCLIP, DFN weights) and open_clip:<name> = "
+        "<name>-gelu (GELU: open_clip's plain names, LAION-2B and DataComp weights).",
     ]
     return "\n".join(line.rstrip() for line in lines)

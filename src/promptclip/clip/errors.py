@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["MissingWeightsError", "TorchScriptRefusedError", "TorchScriptWarning", "WeightsError", "preview"]
+__all__ = [
+    "ActivationWarning",
+    "MissingWeightsError",
+    "TorchScriptRefusedError",
+    "TorchScriptWarning",
+    "WeightsError",
+    "preview",
+]
 
 
 class WeightsError(ValueError):
@@ -26,6 +33,10 @@ class TorchScriptRefusedError(WeightsError):
 
 class TorchScriptWarning(UserWarning):
     """A TorchScript archive the user named is being opened, which runs the code stored in it."""
+
+
+class ActivationWarning(UserWarning):
+    """A state dict that cannot tell which MLP activation it was trained with, loaded under an assumed one."""
 
 
 def preview(keys: Iterable[object], count: int = 5) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from promptclip.clip.errors import WeightsError, preview
-from promptclip.clip.model import ArchConfig
+from promptclip.clip.model import ACTIVATIONS, QUICK_GELU, ArchConfig
 
 __all__ = ["apply_hf_config", "hf_config_dict", "hf_to_openai", "openai_to_hf"]
 
@@ -157,7 +157,7 @@ def hf_config_dict(cfg: ArchConfig) -> dict[str, object]:
     """A Hugging Face `CLIPConfig` (as config.json content) for a ViT architecture."""
     if not cfg.vision.is_vit:
         raise WeightsError(f"{cfg.name}: Hugging Face CLIPModel has no ResNet image tower")
-    common = {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim}
+    common = {"hidden_act": cfg.activation, "layer_norm_eps": 1e-5, "projection_dim": cfg.embed_dim}
     text = cfg.text
     vision = cfg.vision
     return {
@@ -207,17 +207,24 @@ def apply_hf_config(inferred: ArchConfig, config: Mapping[str, object], path: Pa
         raise WeightsError(f"{path}: model_type {config.get('model_type')!r} is not 'clip'")
     text, vision = _hf_sub_config(config, "text"), _hf_sub_config(config, "vision")
     for tower, sub in (("text_config", text), ("vision_config", vision)):
-        act = sub.get("hidden_act", "quick_gelu")
-        if act != "quick_gelu":
+        act = sub.get("hidden_act", QUICK_GELU)
+        if act not in ACTIVATIONS:
             raise WeightsError(
-                f"{path}: {tower}.hidden_act is {act!r}; this backbone implements OpenAI CLIP's quick_gelu "
+                f"{path}: {tower}.hidden_act is {act!r}; this backbone implements {' and '.join(ACTIVATIONS)} "
                 "only, so the features would be wrong"
             )
         eps = float(sub.get("layer_norm_eps", 1e-5))  # type: ignore[arg-type]
         if abs(eps - 1e-5) > 1e-12:
             raise WeightsError(f"{path}: {tower}.layer_norm_eps is {eps}; this backbone uses 1e-5")
+    activations = {str(sub.get("hidden_act", QUICK_GELU)) for sub in (text, vision)}
+    if len(activations) > 1:
+        raise WeightsError(
+            f"{path}: text_config.hidden_act and vision_config.hidden_act differ ({', '.join(sorted(activations))}); "
+            "this backbone uses one activation in both towers"
+        )
     return dataclasses.replace(
         inferred,
+        activation=activations.pop(),
         text=dataclasses.replace(inferred.text, heads=int(text.get("num_attention_heads", 8))),  # type: ignore[call-overload]
         vision=dataclasses.replace(inferred.vision, heads=int(vision.get("num_attention_heads", 12))),  # type: ignore[call-overload]
     )

@@ -60,12 +60,26 @@ class TextConfig:
     layers: int = 12
 
 
+#: The MLP activations of the transformer blocks: OpenAI's sigmoid approximation (every OpenAI model, and the
+#: open_clip models named `*-quickgelu`) and the exact GELU (open_clip's plain names: LAION-2B, DataComp, ...).
+QUICK_GELU, GELU = "quick_gelu", "gelu"
+ACTIVATIONS = (QUICK_GELU, GELU)
+
+
 @dataclass(frozen=True)
 class ArchConfig:
     name: str
     embed_dim: int
     vision: VisionConfig
     text: TextConfig = field(default_factory=TextConfig)
+    activation: str = QUICK_GELU
+    """MLP activation of every transformer block (`quick_gelu` or `gelu`). A state dict cannot show it: it comes
+    from the architecture's name, the file's own statement (an OpenAI archive, a Hugging Face config.json,
+    promptclip metadata), or is assumed with a warning (see `clip.weights.load_clip`)."""
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +98,7 @@ class ArchConfig:
             embed_dim=int(data["embed_dim"]),
             vision=VisionConfig(**vision),
             text=TextConfig(**text),
+            activation=str(data.get("activation", QUICK_GELU)),  # files written before the field: OpenAI's
         )
 
     @classmethod
@@ -118,6 +133,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def activation_module(name: str) -> nn.Module:
+    """The MLP activation called `name` (see `ACTIVATIONS`); GELU is the exact (erf) one, as open_clip's."""
+    if name == QUICK_GELU:
+        return QuickGELU()
+    if name == GELU:
+        return nn.GELU()
+    raise ValueError(f"activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, returned in the input dtype (as OpenAI's)."""
 
@@ -148,14 +172,14 @@ class MultiheadSelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, activation: str = QUICK_GELU) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(width)
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
         layers = [
             ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", activation_module(activation)),
             ("c_proj", nn.Linear(width * 4, width)),
         ]
         self.mlp = nn.Sequential(OrderedDict(layers))
@@ -177,11 +201,11 @@ def replace_prompt_slots(tokens: torch.Tensor, start: int, prompts: torch.Tensor
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(self, width: int, layers: int, heads: int, activation: str = QUICK_GELU) -> None:
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(
         self,
@@ -206,7 +230,7 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig, output_dim: int) -> None:
+    def __init__(self, cfg: VisionConfig, output_dim: int, activation: str = QUICK_GELU) -> None:
         super().__init__()
         assert cfg.patch_size is not None
         self.image_size = cfg.image_size
@@ -218,7 +242,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, cfg.width))
         self.ln_pre = LayerNorm(cfg.width)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, activation)
         self.ln_post = LayerNorm(cfg.width)
         self.proj = nn.Parameter(scale * torch.randn(cfg.width, output_dim))
 
@@ -377,13 +401,13 @@ class CLIP(nn.Module):
         self.weights_source: str | None = None
         self.visual: VisionTransformer | ModifiedResNet
         if cfg.vision.is_vit:
-            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
+            self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, cfg.activation)
         else:
             self.visual = ModifiedResNet(cfg.vision, cfg.embed_dim)
         text = cfg.text
         self.context_length = text.context_length
         self.vocab_size = text.vocab_size
-        self.transformer = Transformer(text.width, text.layers, text.heads)
+        self.transformer = Transformer(text.width, text.layers, text.heads, cfg.activation)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
         self.ln_final = LayerNorm(text.width)

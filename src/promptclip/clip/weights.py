@@ -14,6 +14,13 @@ Accepted inputs (all end as `CLIP` with OpenAI key names, fp32 parameters, eval 
   that key layout, mapped by `hf_to_openai`;
 * promptclip's own `.safetensors` written by `save_clip`, which carries its architecture in its metadata.
 
+The MLP activation (OpenAI's QuickGELU or open_clip's GELU) cannot be read from tensors. It comes from the file
+when the file states it (an OpenAI archive or OpenAI's own state dict entries: QuickGELU; a Hugging Face
+config.json `hidden_act`; promptclip metadata), else from the name (`ViT-B-16-quickgelu`, `open_clip:ViT-B-16`,
+see `clip.arch_names`). A file and a name that disagree are refused; an open_clip checkpoint under a name that
+states nothing is refused (open_clip's plain names are GELU, promptclip's QuickGELU); any other state dict that
+states nothing loads as QuickGELU with an `ActivationWarning`.
+
 Names resolve to files in `$PROMPTCLIP_WEIGHTS` (default `~/.cache/promptclip/weights`); nothing here touches
 the network. `load_clip(name, weights="random")` builds randomly initialised weights instead.
 
@@ -23,6 +30,7 @@ Names and the weights folder are looked up in `clip.arch_names`, the Hugging Fac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -38,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from promptclip.clip.arch_names import (
+    OPEN_CLIP_PREFIX,
     RANDOM_WEIGHTS,
     WEIGHTS_ENV,
     arch_config,
@@ -48,9 +57,12 @@ from promptclip.clip.arch_names import (
     match_known,
     parameter_count,
     resolve,
+    split_activation,
+    stated_activation,
     weights_dir,
 )
 from promptclip.clip.errors import (
+    ActivationWarning,
     MissingWeightsError,
     TorchScriptRefusedError,
     TorchScriptWarning,
@@ -58,13 +70,14 @@ from promptclip.clip.errors import (
     preview,
 )
 from promptclip.clip.hf_keys import apply_hf_config, hf_config_dict, hf_to_openai, openai_to_hf
-from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.model import CLIP, GELU, QUICK_GELU, ArchConfig
 from promptclip.io import atomic_write_text, atomic_write_with, sha256_file, sha256_files
 
 __all__ = [
     "ACCEPTED_LAYOUTS",
     "RANDOM_WEIGHTS",
     "WEIGHTS_ENV",
+    "ActivationWarning",
     "Checkpoint",
     "MissingWeightsError",
     "TorchScriptRefusedError",
@@ -74,6 +87,8 @@ __all__ = [
     "available_archs",
     "build_clip",
     "canonical_name",
+    "checked_arch",
+    "choose_activation",
     "conversion_command",
     "describe_archs",
     "export_hf",
@@ -115,6 +130,11 @@ class Checkpoint:
     sha256: str
     layout: str  # "openai-torchscript", "openai", "hf" or "promptclip"
     arch: ArchConfig | None = None  # stated by the file (promptclip metadata or HF config.json), else None
+    activation: str | None = None
+    """The MLP activation the file states (see the module docstring), else None."""
+    evidence: str = ""
+    """What states `activation` ("an OpenAI TorchScript archive", ...), or that the file comes from open_clip
+    ("an open_clip training checkpoint (epoch and state_dict)", ...), where it says so; else empty."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,19 +273,31 @@ def _to_openai_layout(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[
     )
 
 
+# File names of open_clip's checkpoints on the Hugging Face hub (open_clip_pytorch_model.bin, ...).
+_OPEN_CLIP_FILE_PREFIX = "open_clip_"
+
+
 def _read_file(path: Path, allow_torchscript: bool) -> Checkpoint:
     arch: ArchConfig | None = None
+    activation: str | None = None
+    evidence = f"its file name {path.name}" if path.name.startswith(_OPEN_CLIP_FILE_PREFIX) else ""
     if path.suffix == ".safetensors":
         raw, metadata = _read_safetensors(path)
         layout = "openai"
         if ARCH_METADATA_KEY in metadata:
             arch, layout = _metadata_arch(metadata[ARCH_METADATA_KEY], path), "promptclip"
+            activation, evidence = arch.activation, "its promptclip metadata"
     elif _is_torchscript_archive(path):
         if not allow_torchscript:
             raise _refuse_torchscript(path)
         raw, layout = _read_torchscript(path), "openai-torchscript"
+        activation, evidence = QUICK_GELU, "an OpenAI TorchScript archive"
     else:
-        raw, layout = _unwrap(_read_pickle(path), path), "openai"
+        content = _read_pickle(path)
+        evidence = _open_clip_evidence(content) or evidence
+        raw, layout = _unwrap(content, path), "openai"
+        if any(key in raw for key in _NON_PARAMETER_KEYS):
+            activation, evidence = QUICK_GELU, f"OpenAI's own entries ({', '.join(_NON_PARAMETER_KEYS)})"
     state, mapped_layout = _to_openai_layout(_to_fp32(raw), path)
     return Checkpoint(
         state_dict=state,
@@ -273,7 +305,22 @@ def _read_file(path: Path, allow_torchscript: bool) -> Checkpoint:
         sha256=sha256_file(path),
         layout=layout if mapped_layout == "openai" else mapped_layout,
         arch=arch,
+        activation=activation,
+        evidence=evidence,
     )
+
+
+def _open_clip_evidence(content: object) -> str:
+    """How a pickled checkpoint shows it was written by open_clip's trainer, or empty."""
+    if not isinstance(content, Mapping):
+        return ""
+    if isinstance(content.get("state_dict"), Mapping) and "epoch" in content:
+        return "an open_clip training checkpoint (epoch and state_dict)"
+    inner = content.get("state_dict", content)
+    keys = [str(k) for k in inner] if isinstance(inner, Mapping) else []
+    if keys and all(key.startswith("module.") for key in keys):
+        return "its 'module.' key prefix (a data-parallel training checkpoint)"
+    return ""
 
 
 def _metadata_arch(text: str, path: Path) -> ArchConfig:
@@ -325,12 +372,15 @@ def _read_hf_folder(folder: Path) -> Checkpoint:
     except ValueError as err:
         raise WeightsError(f"{files[0]}: {err}") from err
     stated = apply_hf_config(inferred, config, config_path)
+    known = match_known(stated, heads_known=True)
     return Checkpoint(
         state_dict=state,
         source=files[0] if len(files) == 1 else folder,
         sha256=sha256_files(files),
         layout="hf",
-        arch=match_known(stated, heads_known=True) or stated,
+        arch=dataclasses.replace(known, activation=stated.activation) if known is not None else stated,
+        activation=stated.activation,
+        evidence=f"hidden_act in {config_path}",
     )
 
 
@@ -361,7 +411,7 @@ def _expected_tensors(cfg: ArchConfig) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in CLIP(cfg).state_dict().items()}
 
 
-def _check_keys_and_shapes(state: dict[str, torch.Tensor], cfg: ArchConfig, source: Path) -> None:
+def _check_keys_and_shapes(state: Mapping[str, torch.Tensor], cfg: ArchConfig, source: Path) -> None:
     expected = _expected_tensors(cfg)
     missing = [k for k in expected if k not in state and not k.endswith(_OPTIONAL_KEY_SUFFIX)]
     unexpected = [k for k in state if k not in expected]
@@ -407,16 +457,26 @@ def _frozen(model: CLIP, device: str | torch.device) -> CLIP:
     return model
 
 
-def build_clip(checkpoint: Checkpoint, requested: ArchConfig | None = None) -> CLIP:
-    """A CLIP holding the checkpoint's tensors (no copy), its architecture checked against `requested`."""
+def checked_arch(checkpoint: Checkpoint, requested: ArchConfig | None = None) -> ArchConfig:
+    """The architecture to build `checkpoint` with (`requested`, the file's own, or inferred from the shapes),
+    its keys and shapes checked against the file's."""
     try:
         cfg = _choose_arch(checkpoint, requested)
     except ValueError as err:
         if isinstance(err, WeightsError):
             raise
         raise WeightsError(f"{checkpoint.source}: {err}") from err
+    _check_keys_and_shapes(checkpoint.state_dict, cfg, checkpoint.source)
+    return cfg
+
+
+def build_clip(checkpoint: Checkpoint, requested: ArchConfig | None = None, activation: str | None = None) -> CLIP:
+    """A CLIP holding the checkpoint's tensors (no copy), its architecture checked against `requested`; built
+    with `activation` when given (else the architecture's own; `load_clip` decides it with `choose_activation`)."""
+    cfg = checked_arch(checkpoint, requested)
+    if activation is not None and activation != cfg.activation:
+        cfg = dataclasses.replace(cfg, activation=activation)
     state = dict(checkpoint.state_dict)
-    _check_keys_and_shapes(state, cfg, checkpoint.source)
     with torch.device("meta"):
         model = CLIP(cfg)  # parameters are allocated by the checkpoint's tensors, not initialised twice
     for key, value in model.state_dict().items():
@@ -469,7 +529,55 @@ def load_clip(
         requested, path = resolve(name_or_path)
         found_by_name = requested is not None  # the weights folder (or a bundled model), not a path
     checkpoint = load_checkpoint(path, allow_torchscript=allow_torchscript or found_by_name)
-    return _frozen(build_clip(checkpoint, requested), device)
+    named = str(name_or_path) if requested is not None else None
+    stated = stated_activation(name_or_path) if named else None
+    # The file is checked first: an activation warning only for a file that loads.
+    arch = checked_arch(checkpoint, requested).name
+    activation = choose_activation(checkpoint, named, stated, arch)
+    return _frozen(build_clip(checkpoint, requested, activation), device)
+
+
+def choose_activation(checkpoint: Checkpoint, name: str | None, stated: str | None, arch: str) -> str:
+    """The MLP activation to build `checkpoint` with: the one the file states, else the one the architecture
+    `name` states (`stated`). A file and a name that disagree are refused; so is an open_clip checkpoint whose
+    name states nothing (open_clip's plain names are GELU, promptclip's QuickGELU). Any other file that states
+    nothing is taken as QuickGELU (OpenAI's) with an `ActivationWarning`. `arch` is the architecture's base
+    name, for the messages."""
+    source, found = checkpoint.source, checkpoint.activation
+    if found is not None and stated is not None and found != stated:
+        raise WeightsError(
+            f"{source}: {checkpoint.evidence} states a {found} model, but the architecture {name!r} is a {stated} "
+            f"one; name it {_activation_name(arch, found)!r} (or leave the name out)"
+        )
+    if found is not None or stated is not None:
+        return found or stated  # type: ignore[return-value]
+    label = repr(name) if name else f"{arch}, inferred from the shapes"
+    fix = (
+        f"name the architecture with its activation: --arch {_activation_name(arch, GELU)} (GELU: open_clip's "
+        f"plain names, e.g. LAION-2B and DataComp weights) or --arch {_activation_name(arch, QUICK_GELU)} "
+        "(QuickGELU: OpenAI, LAION-400M, MetaCLIP, DFN weights), with --weights FILE"
+    )
+    if checkpoint.evidence:
+        raise WeightsError(
+            f"{source}: an open_clip checkpoint ({checkpoint.evidence}); neither it nor the architecture "
+            f"({label}) says which MLP activation it was trained with, and the wrong one gives wrong features "
+            f"without an error. To load it, {fix}"
+        )
+    warnings.warn(
+        ActivationWarning(
+            f"{source}: the file does not say which MLP activation it was trained with; loaded as OpenAI's "
+            f"QuickGELU (architecture {label}): an open_clip GELU model would give wrong features. To be sure, "
+            f"and silence this warning, {fix}"
+        ),
+        stacklevel=3,
+    )
+    return QUICK_GELU
+
+
+def _activation_name(arch: str, activation: str) -> str:
+    """The spelling of architecture `arch` that states `activation`."""
+    base = split_activation(arch)[0]
+    return f"{OPEN_CLIP_PREFIX}{base}" if activation == GELU else f"{base}-quickgelu"
 
 
 # --------------------------------------------------------------------------------------------------------
