@@ -8,7 +8,11 @@ Each function or context manager here switches one optimisation off and computes
 * `cocoop_one_image_at_a_time(learner, batch)`: CoCoOp's per-image prompts encoded one image per text pass
   (the official code's loop, which is why it trains at batch size 1);
 * `dapt_three_passes(learner, batch)`: DAPT's whole, foreground and background views through three separate
-  image passes instead of one batched pass;
+  image passes, each with its autograd graph (the official code's);
+* `dapt_targets_with_graph(learner)`: DAPT's stop-gradient views encoded with an autograd graph that is never
+  used, in the same passes as promptclip's path;
+* `dapt_one_graph_pass(learner)`: all three DAPT views in one batched pass with the graph (promptclip's
+  earlier path);
 * `dpc_rescoring(learner)`: DPC's hard-negative sampler encodes the stage-1 class features at every step
   instead of once per class set.
 
@@ -105,6 +109,27 @@ def dapt_three_passes(learner: Any, batch: Batch) -> LearnerOutput:
         background_features=background.image_features,
         foreground_text_features=foreground.text_features if per_image else whole.text_features,
     )
+
+
+@contextlib.contextmanager
+def dapt_targets_with_graph(learner: Any) -> Iterator[None]:
+    """DAPT's stop-gradient views keep an autograd graph while inside (detached only where the loss reads
+    them), as in the official code."""
+    learner.target_pass = contextlib.nullcontext  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del learner.target_pass
+
+
+@contextlib.contextmanager
+def dapt_one_graph_pass(learner: Any) -> Iterator[None]:
+    """All DAPT views go through the whole image's pass, with its graph, while inside."""
+    learner.views_in_graph = lambda views: views
+    try:
+        yield
+    finally:
+        del learner.views_in_graph
 
 
 @contextlib.contextmanager

@@ -18,8 +18,15 @@ from promptclip.config import ConfigError, OptimConfig
 from promptclip.engine.train import Trainer
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
-from promptclip.plugins.dapt import BACKGROUND_CLASSES, DAPT, DAPTConfig, DAPTOutput
-from promptclip.plugins.gradcam import gradcam_masks
+from promptclip.plugins.dapt import (
+    BACKGROUND_CLASSES,
+    DAPT,
+    TABLE_BACKGROUND_CLASSES,
+    DAPTConfig,
+    DAPTOutput,
+    released_background_split,
+)
+from promptclip.plugins.gradcam import gradcam_grid, gradcam_masks
 from promptclip.recipes import list_recipes
 
 NAMES = ["cat", "dog", "car", "tree"]
@@ -62,17 +69,19 @@ def make_batch(seed: int = 0, with_mask: bool = True) -> dict[str, Any]:
     return batch
 
 
-class InnerCalls:
-    """Records the images of every forward of the inner learner."""
+class TowerCalls:
+    """Records the images of every pass of the image tower, and whether autograd was on for it."""
 
     def __init__(self, learner: DAPT) -> None:
         self.images: list[torch.Tensor] = []
-        self.handle = learner.inner.register_forward_pre_hook(self._hook)
+        self.with_graph: list[bool] = []
+        self.handle = learner.clip.visual.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: Any, args: tuple[Any, ...]) -> None:
-        self.images.append(args[0]["image"].detach().clone())
+        self.images.append(args[0].detach().clone())
+        self.with_graph.append(torch.is_grad_enabled())
 
-    def __enter__(self) -> InnerCalls:
+    def __enter__(self) -> TowerCalls:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -112,28 +121,101 @@ def test_bad_settings_are_refused_with_the_field_named(make, tiny_rn_clip) -> No
 # -- the views -----------------------------------------------------------------------------------------------
 
 
-def test_whole_foreground_and_background_go_through_one_batched_forward(make) -> None:
-    learner = make()
-    batch = make_batch()
+def views_of(batch: dict[str, Any], *names: str) -> torch.Tensor:
     x, m = batch["image"], batch["mask"]
-    with InnerCalls(learner) as calls:
+    views = {"whole": x, "fg": x * m, "bg": x * (1 - m)}
+    return torch.cat([views[name] for name in names])
+
+
+# (learner, DAPT settings, epoch) -> the image-tower passes of a step: views, and whether with a graph.
+PASSES = {
+    "pull-push epochs: both views are targets": ("maple", {}, 0, [(("whole",), True), (("fg", "bg"), False)]),
+    "alignment epochs: L_b trains through the background": (
+        "maple",
+        {},
+        7,
+        [(("whole", "bg"), True), (("fg",), False)],
+    ),
+    "joint": ("maple", {"schedule": "joint"}, 0, [(("whole", "bg"), True), (("fg",), False)]),
+    "foreground term alone: no background view": (
+        "maple",
+        {"schedule": "joint", "pull_push_weight": 0.0, "background_weight": 0.0},
+        0,
+        [(("whole",), True), (("fg",), False)],
+    ),
+    "image-conditioned class features of the foreground, no visual prompts": (
+        "cocoop",
+        {"schedule": "joint"},
+        0,
+        [(("whole", "fg"), True), (("bg",), False)],
+    ),
+    "batch statistics: one batch for all views": (
+        "promptkd",
+        {},
+        0,
+        [(("whole", "fg", "bg"), True)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PASSES))
+def test_views_that_need_a_graph_share_the_whole_image_pass_and_targets_run_without_one(make, case: str) -> None:
+    method, settings, epoch, expected = PASSES[case]
+    learner = make(method, **settings)
+    learner.on_epoch_start(epoch, 10)
+    batch = make_batch()
+    with TowerCalls(learner) as calls:
         output = learner(batch)
-    assert len(calls.images) == 1
-    (views,) = calls.images
-    assert torch.equal(views, torch.cat([x, x * m, x * (1 - m)]))
+    assert len(calls.images) == len(expected)
+    for images, graph, (names, with_graph) in zip(calls.images, calls.with_graph, expected, strict=True):
+        assert torch.equal(images, views_of(batch, *names))
+        assert graph == with_graph
     assert isinstance(output, DAPTOutput)
     assert output.logits.shape == (BATCH, len(NAMES))
-    assert torch.allclose(output.image_features, learner.inner.image_features(x), atol=1e-5)
-    assert torch.allclose(output.foreground_features, learner.inner.image_features(x * m), atol=1e-5)
-    assert torch.allclose(output.background_features, learner.inner.image_features(x * (1 - m)), atol=1e-5)
+    in_passes = {name for names, _ in expected for name in names}
+    assert (output.background_features is None) == ("bg" not in in_passes)
+    if method == "promptkd":
+        return  # its features are normalised with the statistics of the step's whole batch
+    fields = {"whole": output.image_features, "fg": output.foreground_features, "bg": output.background_features}
+    with torch.no_grad():
+        for name, features in fields.items():
+            if features is not None:
+                expected_features = learner.inner.image_features(views_of(batch, name))
+                torch.testing.assert_close(features, expected_features, rtol=0, atol=1e-5, msg=name)
+
+
+def test_stop_gradient_targets_hold_no_graph(make) -> None:
+    learner = make()  # pull-push epochs: the foreground and background are targets only
+    output = learner(make_batch())
+    assert output.image_features.requires_grad
+    assert not output.foreground_features.requires_grad and not output.background_features.requires_grad
+    learner.on_epoch_start(7, 10)  # alignment epochs: L_b trains through the background features
+    output = learner(make_batch())
+    assert output.background_features.requires_grad and not output.foreground_features.requires_grad
+
+
+def test_a_learner_with_batch_norm_sees_one_batch_per_step(make) -> None:
+    learner = make("promptkd", schedule="joint")
+    norm = learner.inner.projector.bn
+    assert learner.has_batch_statistics()
+    before = int(norm.num_batches_tracked)
+    seen: list[int] = []
+    handle = norm.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        learner(make_batch())
+    finally:
+        handle.remove()
+    assert seen == [3 * BATCH] and int(norm.num_batches_tracked) == before + 1
+    learner.eval()
+    assert not learner.has_batch_statistics()
 
 
 def test_black_fill_puts_black_pixels_where_the_mask_removes(make) -> None:
     learner = make(fill="black")
     batch = make_batch()
-    with InnerCalls(learner) as calls:
+    with TowerCalls(learner) as calls:
         learner(batch)
-    background = calls.images[0][2 * BATCH :]
+    background = calls.images[1][BATCH:]  # pull-push epochs: the target pass holds [foreground, background]
     black = (torch.zeros(3) - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
         [0.26862954, 0.26130258, 0.27577711]
     )
@@ -147,13 +229,15 @@ def test_black_fill_puts_black_pixels_where_the_mask_removes(make) -> None:
 
 
 def test_pull_push_gradient_reaches_only_the_whole_image_branch(make) -> None:
-    learner = make()  # epoch 0 of the official schedule: pull-push
+    # With L_b on, the background view keeps its graph: the pull-push term must still not reach it.
+    learner = make(schedule="joint", foreground_weight=0.0)
     batch = make_batch()
     output = learner(batch)
-    for features in (output.image_features, output.foreground_features, output.background_features):
+    for features in (output.image_features, output.background_features):
         features.retain_grad()
+    assert not output.foreground_features.requires_grad  # a target: encoded without a graph
     losses = learner.loss(batch, output)
-    assert set(losses) == {"ce", "dapt_pull_push"}
+    assert set(losses) == {"ce", "dapt_pull_push", "dapt_bg"}
     pull_push = losses["dapt_pull_push"]
     whole, fg, bg = output.image_features, output.foreground_features, output.background_features
     hinge = (whole - fg).norm(dim=-1) - (whole - bg).norm(dim=-1) + 1.5
@@ -161,7 +245,7 @@ def test_pull_push_gradient_reaches_only_the_whole_image_branch(make) -> None:
     got = grads(learner, pull_push)
     pull_push.backward()
     assert output.image_features.grad is not None and output.image_features.grad.abs().sum() > 0
-    assert output.foreground_features.grad is None and output.background_features.grad is None
+    assert output.background_features.grad is None
     # The same gradient as a pull-push whose foreground and background are constants.
     inner, x, m = learner.inner, batch["image"], batch["mask"]
     with torch.no_grad():
@@ -297,16 +381,16 @@ def test_dapt_g_masks_are_computed_on_the_steps_own_images(make) -> None:
     expected = gradcam_masks(learner.inner, x, batch["label"])
     assert 0 < expected.sum() < expected.numel()
     assert learner.training
-    with InnerCalls(learner) as calls:
+    with TowerCalls(learner) as calls:
         learner(batch)
-    views = calls.images[-1]
-    assert torch.equal(views, torch.cat([x, x * expected, x * (1 - expected)]))
+    targets = calls.images[-1]  # pull-push epochs: the last pass holds the foreground and background views
+    assert torch.equal(targets, torch.cat([x * expected, x * (1 - expected)]))
     # A different crop of the same images (here: flipped) gets its own masks, computed on that crop.
     flipped = {**batch, "image": x.flip(-1)}
-    with InnerCalls(learner) as calls:
+    with TowerCalls(learner) as calls:
         learner(flipped)
     flipped_masks = gradcam_masks(learner.inner, x.flip(-1), batch["label"])
-    assert torch.equal(calls.images[-1][BATCH : 2 * BATCH], x.flip(-1) * flipped_masks)
+    assert torch.equal(calls.images[-1][:BATCH], x.flip(-1) * flipped_masks)
 
 
 def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start(make) -> None:
@@ -323,9 +407,9 @@ def test_dapt_g_epoch_refresh_uses_the_prompts_of_the_epoch_start(make) -> None:
     snapshot.inner.load_trainable_state(at_start)
     start_masks = gradcam_masks(snapshot.inner, batch["image"], batch["label"])
     assert not torch.equal(current_masks, start_masks)
-    with InnerCalls(learner) as calls:
+    with TowerCalls(learner) as calls:
         learner(batch)
-    assert torch.equal(calls.images[-1][BATCH : 2 * BATCH], batch["image"] * start_masks)
+    assert torch.equal(calls.images[-1][:BATCH], batch["image"] * start_masks)
     for name, tensor in learner.inner.trainable_state().items():  # and the current prompts are back
         assert torch.equal(tensor, moved[name]), name
 
@@ -337,7 +421,7 @@ def test_test_time_needs_no_masks(make) -> None:
         learner.loss(make_batch(), learner(make_batch()))
         learner.eval()
         for batch in (make_batch(with_mask=False), make_batch()):
-            with torch.no_grad(), InnerCalls(learner) as calls:
+            with torch.no_grad(), TowerCalls(learner) as calls:
                 logits = learner(batch).logits
                 inner_logits = learner.inner(batch).logits
             assert torch.equal(logits, inner_logits)
@@ -511,3 +595,137 @@ def test_the_comparison_script_measures_what_the_runs_measured(tmp_path: Path) -
         assert overall == pytest.approx(results["evaluations"]["all"]["accuracy"], abs=1e-3)
         assert found.accuracy == pytest.approx(results["evaluations"]["all"]["accuracy"], abs=1e-3)
         assert 0 <= found.cam_iou <= 100
+
+
+# -- compat: released ----------------------------------------------------------------------------------------
+
+
+def test_compat_is_a_checked_setting(make, backbone) -> None:
+    assert DAPTConfig().compat == "default"
+    with pytest.raises(ConfigError, match=r"plugins\.dapt\.compat"):
+        make(compat="release")
+    with pytest.raises(ValueError, match="compat must be one of default, released"):
+        DAPT(get_prompt_model(backbone, {"method": "coop", "n_ctx": 2}, NAMES), DAPTConfig(compat="x"))  # type: ignore[arg-type]
+    # Its extra class columns would break a loss or class features that need exactly the class columns.
+    for method in ("promptkd", "cocoop"):
+        with pytest.raises(ValueError, match=r"plugins\.dapt\.compat: 'released'.*compat 'default'"):
+            make(method, compat="released")
+    assert make("coop", compat="released").cfg.compat == "released"
+
+
+def test_the_released_slicing_of_the_background_rows() -> None:
+    extra, background = released_background_split(BACKGROUND_CLASSES)
+    assert extra == ["ground", "land", "grass", "tree", "building", "wall", "sky"]
+    assert background == [*BACKGROUND_CLASSES[7:], *TABLE_BACKGROUND_CLASSES] and len(background) == 25
+    # The rule for any list: rows = classes, background classes, table-top names; L_b reads the last len(list).
+    extra, background = released_background_split(["grass", "sky"])
+    assert extra == ["grass", "sky", *TABLE_BACKGROUND_CLASSES[:5]] and background == list(TABLE_BACKGROUND_CLASSES[5:])
+
+
+def released_reference_step(learner: DAPT, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The released MaPLe + DAPT step written out: one set of text rows (classes, the 25 background names, the
+    7 table-top names), sliced [:-25] / [-25:]; three image passes; every term of trainers/maple.py."""
+    inner, x, m, y = learner.inner, batch["image"], batch["mask"], batch["label"]
+    sentences = [f"a clean origami {name}." for name in (*BACKGROUND_CLASSES, *TABLE_BACKGROUND_CLASSES)]
+    rows = torch.cat([inner.text_features(), inner.encode_sentences(sentences)])
+    class_rows, background_rows = rows[:-25], rows[-25:]
+    whole, fg, bg = inner.image_features(x), inner.image_features(x * m), inner.image_features(x * (1 - m))
+    scale = learner.clip.logit_scale.exp()
+    background_logits = scale * bg @ background_rows.t()
+    return {
+        "ce": F.cross_entropy(scale * whole @ class_rows.t(), y),
+        "dapt_pull_push": 0.8 * F.triplet_margin_loss(whole, fg.detach(), bg.detach(), margin=1.5, p=2, eps=1e-6),
+        "dapt_fg": 0.1 * F.cross_entropy(scale * fg.detach() @ class_rows.t(), y),
+        "dapt_bg": 0.5 * F.cross_entropy(background_logits, background_logits.argmax(dim=-1)),
+    }
+
+
+def test_released_compat_reproduces_the_released_step_term_by_term_and_in_its_gradient(make) -> None:
+    batch = make_batch(seed=4)
+    learner = make(compat="released", schedule="joint")
+    output = learner(batch)
+    assert output.logits.shape == (BATCH, len(NAMES) + 7)
+    losses = learner.loss(batch, output)
+    reference = released_reference_step(learner, batch)
+    assert losses.keys() == reference.keys()
+    # Both compute the same sums in other batch shapes (text rows cut at another length, images in other
+    # batches): the unit features differ by fp32 rounding (~1e-7), the logits by that times the logit scale
+    # (14.3 here), and cross-entropy moves by at most the largest logit change: 2e-6.
+    for name, value in reference.items():
+        torch.testing.assert_close(losses[name], value, rtol=0, atol=2e-6, msg=name)
+    got = grads(learner, sum(losses.values()))  # type: ignore[arg-type]
+    expected = grads(learner, sum(reference.values()))  # type: ignore[arg-type]
+    for name, gradient in expected.items():
+        assert gradient.abs().max() > 0, name
+        # The same rounding, relative to each gradient's scale (seen: 5e-7).
+        torch.testing.assert_close(got[name], gradient, rtol=1e-5, atol=1e-5 * float(gradient.abs().max()), msg=name)
+    # The default step differs where the release does: the classifier and the background classes.
+    default = make(schedule="joint")
+    default_losses = default.loss(batch, default(batch))
+    for name in ("ce", "dapt_fg", "dapt_bg"):
+        assert (default_losses[name] - reference[name]).abs() > 1e-3, name
+    # Under the official schedule: the same terms, switched by epoch.
+    official = make(compat="released")
+    for epoch, terms in ((0, {"ce", "dapt_pull_push"}), (7, {"ce", "dapt_fg", "dapt_bg"})):
+        official.on_epoch_start(epoch, 10)
+        losses = official.loss(batch, official(batch))
+        assert set(losses) == terms
+        for name in terms:
+            torch.testing.assert_close(losses[name], reference[name], rtol=0, atol=2e-6, msg=name)
+
+
+def corner_aligned_upsampling(grid: int, size: int) -> torch.Tensor:
+    """[size, grid] weights of bilinear interpolation with the first and last pixel on the first and last grid
+    value (`align_corners=True`): pixel i reads the grid at i * (grid - 1) / (size - 1)."""
+    position = torch.arange(size, dtype=torch.float64) * (grid - 1) / (size - 1)
+    low = position.floor().long().clamp(max=grid - 2)
+    weight = position - low
+    matrix = torch.zeros(size, grid, dtype=torch.float64)
+    matrix[torch.arange(size), low] = 1 - weight
+    matrix[torch.arange(size), low + 1] = weight
+    return matrix
+
+
+def test_released_compat_masks_come_from_the_released_grad_cam(make) -> None:
+    learner = make(mask_source="gradcam", gradcam_refresh="step", compat="released")
+    batch = make_batch(seed=5, with_mask=False)
+    x = batch["image"]
+    cam, _ = gradcam_grid(learner.inner, x, batch["label"])
+    grid = cam.shape[-1]
+    upsample = corner_aligned_upsampling(grid, x.shape[-1])
+    heat = upsample @ cam.double() @ upsample.t()
+    expected = (heat / (heat.max() + 1e-6) >= 0.5).float()[:, None]  # over the batch's maximum
+    assert 0 < expected.sum() < expected.numel()
+    with TowerCalls(learner) as calls:
+        learner(batch)
+    assert torch.equal(calls.images[-1][:BATCH], x * expected)
+    # The default's masks are not these (per-image maxima, patch-centred grid).
+    assert not torch.equal(gradcam_masks(learner.inner, x, batch["label"]), expected)
+
+
+# -- precision -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["maple", "cocoop"])
+def test_foreground_and_background_logits_are_fp32_under_autocast(make, method: str) -> None:
+    # Near a logit of 100, bf16 steps are 0.5: the views' logits get the class logits' fp32 treatment.
+    learner = make(method, schedule="joint", compat="released" if method == "maple" else "default")
+    batch = make_batch()
+    calls: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+    for name in ("foreground_logits", "background_logits"):
+
+        def record(*args: torch.Tensor, name: str = name, original: Any = getattr(learner, name)) -> torch.Tensor:
+            calls[name] = (args, original(*args))
+            return calls[name][1]
+
+        setattr(learner, name, record)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = learner(batch)
+        learner.loss(batch, output)
+    if method == "maple":  # the class logits with the released extra columns (CoCoOp's are its own)
+        assert output.logits.dtype == torch.float32 and output.logits.shape[1] == len(NAMES) + 7
+    assert set(calls) == {"foreground_logits", "background_logits"}
+    for name, (args, logits) in calls.items():
+        assert logits.dtype == torch.float32, name
+        inputs = [a.detach().float() for a in args]
+        assert torch.equal(logits.detach(), getattr(DAPT, name)(learner, *inputs).detach()), name  # fp32 outside

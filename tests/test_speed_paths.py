@@ -1,6 +1,7 @@
 """Every speed-up gives the numbers of the slow path it replaces (the naive paths of benchmarks/speed_paths.py):
 end-of-text truncation, class features cached at evaluation, image features kept across evaluations, class
-chunks with activation checkpointing, batched CoCoOp, DAPT's one-pass views, DPC's cached ranking features and
+chunks with activation checkpointing, batched CoCoOp, DAPT's views (stop-gradient targets without a graph, the
+others in the whole image's pass), DPC's cached ranking features and
 decoded few-shot images kept in memory. On a tiny random CLIP."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dpc_cases import NoiseReader, dpc_builder
 from speed_paths import (
     cocoop_loss_one_image_at_a_time,
     cocoop_one_image_at_a_time,
+    dapt_one_graph_pass,
+    dapt_targets_with_graph,
     dapt_three_passes,
     dpc_rescoring,
     full_context,
@@ -245,25 +248,75 @@ def test_batched_cocoop_equals_the_one_image_loop(build) -> None:
     assert_same_gradients(accumulated, reference)  # type: ignore[arg-type]
 
 
-# -- DAPT: three views in one pass -----------------------------------------------------------------------------
+# -- DAPT: stop-gradient views without a graph, the others in the whole image's pass ---------------------------
+
+# (learner, DAPT settings, epoch): both phases of the official schedule, the joint one, the release's step and
+# a learner whose foreground class features depend on the foreground image.
+DAPT_STEPS = {
+    "official, pull-push epochs": ("maple", {}, 0),
+    "official, alignment epochs": ("maple", {}, 7),
+    "joint": ("maple", {"schedule": "joint"}, 0),
+    "joint, compat released": ("maple", {"schedule": "joint", "compat": "released"}, 0),
+    "joint, image-conditioned": ("cocoop", {"schedule": "joint"}, 0),
+}
 
 
-def test_dapt_one_batched_pass_equals_three_passes(build) -> None:
-    batch = {
+def dapt_batch() -> dict[str, torch.Tensor]:
+    return {
         "image": images(3),
         "label": torch.tensor([0, 4, 2]),
         "mask": (torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(3)) > 0.5).float(),
     }
-    learners = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        learner = wrap_with_plugins(build("maple"), {"dapt": {"schedule": "joint"}})
-        learners.append(learner.train())
-    one, three = learners[0](batch), dapt_three_passes(learners[1], batch)
-    for field in ("logits", "image_features", "foreground_features", "background_features"):
-        torch.testing.assert_close(getattr(one, field), getattr(three, field), rtol=0, atol=2e-5, msg=field)
-    losses = [sum(m.loss(batch, out).values()) for m, out in zip(learners, (one, three), strict=True)]
-    assert_same_gradients(gradients(learners[1], losses[1]), gradients(learners[0], losses[0]), atol=2e-5)
+
+
+def dapt_learner(build: Callable[..., PromptModel], step: str) -> Any:
+    method, settings, epoch = DAPT_STEPS[step]
+    torch.manual_seed(0)
+    learner = wrap_with_plugins(build(method), {"dapt": settings}).train()
+    learner.on_epoch_start(epoch, 10)
+    return learner
+
+
+@pytest.mark.parametrize("step", list(DAPT_STEPS))
+def test_dapt_targets_without_a_graph_give_bitwise_the_losses_and_gradients_of_keeping_it(build, step: str) -> None:
+    batch = dapt_batch()
+    fast, naive = dapt_learner(build, step), dapt_learner(build, step)
+    fast_losses = fast.loss(batch, fast(batch))
+    with dapt_targets_with_graph(naive):
+        naive_losses = naive.loss(batch, naive(batch))
+    assert "target_pass" not in naive.__dict__  # the naive path is undone
+    assert fast_losses.keys() == naive_losses.keys() and len(fast_losses) > 1
+    for name in fast_losses:
+        assert torch.equal(fast_losses[name], naive_losses[name]), name
+    fast_grads = gradients(fast, sum(fast_losses.values()))  # type: ignore[arg-type]
+    naive_grads = gradients(naive, sum(naive_losses.values()))  # type: ignore[arg-type]
+    assert any(g.abs().max() > 0 for g in fast_grads.values())
+    for name in fast_grads:
+        assert torch.equal(fast_grads[name], naive_grads[name]), name
+
+
+@pytest.mark.parametrize("step", list(DAPT_STEPS))
+def test_dapt_views_equal_one_pass_and_three_passes(build, step: str) -> None:
+    batch = dapt_batch()
+    fast = dapt_learner(build, step)
+    output = fast(batch)
+    reference = gradients(fast, sum(fast.loss(batch, output).values()))  # type: ignore[arg-type]
+    for naive_path in ("one pass", "three passes"):
+        naive = dapt_learner(build, step)
+        if naive_path == "one pass":
+            with dapt_one_graph_pass(naive):
+                naive_output = naive(batch)
+        else:
+            naive_output = dapt_three_passes(naive, batch)
+        for field in ("image_features", "foreground_features", "background_features"):
+            torch.testing.assert_close(
+                getattr(naive_output, field), getattr(output, field), rtol=0, atol=2e-5, msg=field
+            )
+        if "released" in step and naive_path == "three passes":
+            continue  # the benchmarks' three-pass path is the default's step
+        torch.testing.assert_close(naive_output.logits, output.logits, rtol=0, atol=2e-5)
+        naive_loss = sum(naive.loss(batch, naive_output).values())
+        assert_same_gradients(gradients(naive, naive_loss), reference, atol=2e-5)  # type: ignore[arg-type]
 
 
 # -- DPC: stage-1 class features encoded once -----------------------------------------------------------------

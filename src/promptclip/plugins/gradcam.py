@@ -8,7 +8,8 @@ image), and thresholded at 0.5 for a mask.
 
 The upsampling puts each grid value at the centre of its patch (`align_corners=False`), so a CAM cell lands on
 the pixels its patch covers; the official code's `align_corners=True` stretches the grid to the image corners,
-shifting the map by up to half a patch towards the borders.
+shifting the map by up to half a patch towards the borders, and it divides every map by the largest value of
+the whole batch. `RELEASED_STYLE` reproduces both (DAPT's `compat: released`).
 
 The score is the logit of the given label (the ground truth in training; the predicted class when no label is
 given), computed by the learner's own `forward`, so the learner's prompts shape the map. The layer is read
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,21 @@ from promptclip.clip.model import CLIP
 
 DEFAULT_THRESHOLD = 0.5
 NORMALISE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class CamStyle:
+    """How the patch-grid CAM becomes a heat map in [0, 1]."""
+
+    align_corners: bool = False
+    """Bilinear upsampling with grid values at the patch centres (False) or stretched to the image corners."""
+    normalise: Literal["image", "batch"] = "image"
+    """Divide each map by its own maximum, or every map by the maximum of the whole batch."""
+
+
+DEFAULT_STYLE = CamStyle()
+RELEASED_STYLE = CamStyle(align_corners=True, normalise="batch")
+"""The official DAPT code's (`trainers/util.py`)."""
 
 
 def gradcam_layer(clip: CLIP) -> nn.Module:
@@ -111,16 +128,20 @@ def gradcam_grid(
     return cam.view(-1, grid, grid), labels.detach()
 
 
-def upsample_cam(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[B, g, g] patch-grid CAM -> [B, 1, H, W] in [0, 1]: bilinear upsampling, then each map over its max."""
-    heat = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=False)
-    return heat / (heat.amax(dim=(-2, -1), keepdim=True) + NORMALISE_EPS)
+def upsample_cam(cam: torch.Tensor, size: tuple[int, int], style: CamStyle = DEFAULT_STYLE) -> torch.Tensor:
+    """[B, g, g] patch-grid CAM -> [B, 1, H, W] in [0, 1]: bilinear upsampling, then each map over its own
+    maximum (or, `style.normalise` "batch", over the batch's)."""
+    heat = F.interpolate(cam[:, None], size=size, mode="bilinear", align_corners=style.align_corners)
+    peak = heat.amax(dim=(-2, -1), keepdim=True) if style.normalise == "image" else heat.amax()
+    return heat / (peak + NORMALISE_EPS)
 
 
-def gradcam(learner: Any, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+def gradcam(
+    learner: Any, images: torch.Tensor, labels: torch.Tensor | None = None, style: CamStyle = DEFAULT_STYLE
+) -> torch.Tensor:
     """Grad-CAM heat maps [B, 1, H, W] in [0, 1] of `labels` (default: the predicted classes)."""
     cam, _ = gradcam_grid(learner, images, labels)
-    return upsample_cam(cam, (images.shape[-2], images.shape[-1]))
+    return upsample_cam(cam, (images.shape[-2], images.shape[-1]), style)
 
 
 def heat_to_mask(heat: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
@@ -135,6 +156,7 @@ def gradcam_masks(
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    style: CamStyle = DEFAULT_STYLE,
 ) -> torch.Tensor:
     """Foreground masks [B, 1, H, W] in {0, 1}: Grad-CAM of `labels` thresholded at `threshold`."""
-    return heat_to_mask(gradcam(learner, images, labels), threshold)
+    return heat_to_mask(gradcam(learner, images, labels, style), threshold)
