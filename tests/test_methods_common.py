@@ -48,6 +48,9 @@ class Case:
     """Plug-in name -> config, wrapped around the method in order (`method` is then e.g. "coop+dapt")."""
     build: Callable[[CLIP, Sequence[str], str], PromptModel] | None = None
     """Builds the learner itself; otherwise the method from `cfg`, wrapped in `plugins`."""
+    text_classifier: bool = True
+    """The logits are `logit_scale · image · class featuresᵀ` with class features from the text tower (false
+    for the linear probe: an affine head learned on the image features, whose rows are its class features)."""
 
     @property
     def method_name(self) -> str:
@@ -75,6 +78,8 @@ CASES = [
     Case("deep_lang", "deep_lang", {"depth": 2, "text_chunk_size": 3}),
     Case("promptsrc", "promptsrc", {"depth_text": 2, "depth_vision": 2}),
     Case("promptkd", "promptkd", {"depth_vision": 2, "teacher_arch": ""}),
+    Case("lp", "lp", {"C": 1.0}, transfers=False, text_classifier=False),
+    Case("lp-search", "lp", {"c_grid": [10.0, 0.1], "search_steps": 2}, transfers=False, text_classifier=False),
     Case("maple+dapt-s", "maple+dapt", {"depth": 2}, plugins={"dapt": {}}),
     Case("maple+dapt-g", "maple+dapt", {"depth": 2}, plugins={"dapt": {"mask_source": "gradcam"}}),
     Case("src+dapt", "promptsrc+dapt", {"depth_text": 2, "depth_vision": 2}, plugins={"dapt": {"schedule": "joint"}}),
@@ -183,6 +188,10 @@ def test_output_shapes_and_logits(build, case: Case) -> None:
     assert out.image_features.shape == (BATCH, dim)
     text_shape = (BATCH, len(CLASSES), dim) if learner.image_conditioned_text else (len(CLASSES), dim)
     assert out.text_features.shape == text_shape
+    if not case.text_classifier:
+        assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(BATCH), atol=1e-5)
+        assert torch.equal(out.logits, learner.classify_image_features(out.image_features))
+        return
     assert torch.allclose(out.image_features.norm(dim=-1), torch.ones(BATCH), atol=1e-5)
     assert torch.allclose(out.text_features.norm(dim=-1), torch.ones(text_shape[:-1]), atol=1e-5)
     if learner.image_conditioned_text:
@@ -273,6 +282,13 @@ def test_text_features_are_encoded_once_in_eval(build, case: Case) -> None:
     learner = build(case)
     batch = make_batch(learner.clip)
     learner.eval()
+    if not case.text_classifier:  # its class features are learned rows: the text tower is never run
+        with TextTowerCalls(learner.clip) as calls, torch.no_grad():
+            learner(batch)
+            learner.train()
+            learner.text_features()
+        assert calls.count == 0
+        return
     with TextTowerCalls(learner.clip) as calls, torch.no_grad():
         learner.text_features()
         first = calls.count

@@ -69,7 +69,7 @@ class Registry(Generic[T]):
         return len(self._entries)
 
 
-METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "maple", "ivlp", "promptsrc", "promptkd")
+METHOD_MODULES = ("zeroshot", "coop", "cocoop", "kgcoop", "maple", "ivlp", "promptsrc", "promptkd", "lp")
 PLUGIN_MODULES = ("dapt", "dpc", "dept")
 
 METHODS: Registry = Registry("method", tuple(f"promptclip.methods.{m}" for m in METHOD_MODULES))

@@ -11,7 +11,10 @@ A learner wraps the frozen CLIP and a set of class names. The engine only ever c
 * `learning_rate_scales()`: tensors that train at a multiple of the recipe's learning rate (default none);
 * `set_template(template)`, `set_eval_subset("base" | "new")`, `training_state()` / `load_training_state()`;
 * `needs(cfg, run)` (a class method): what a run must supply beyond the data (`RunNeeds`: masks, a stage-1
-  run, transductive data, the training classes' full image set), read once by the run layer.
+  run, transductive data, the training classes' full image set, the validation draw), read once by the run
+  layer;
+* `fits_on_features` / `fit_on_features(train, val, log)`: a learner fitted in one call on frozen image
+  features (the linear probe) instead of by the engine's training loop.
 
 Checkpoints hold only the trainable tensors (safetensors) plus a JSON config that names the backbone and the
 sha256 of its weights, so a prompt saved for one CLIP refuses to load onto another.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -78,6 +81,10 @@ class RunNeeds:
     full_training_classes: bool = False
     """Reads every training image of the training classes, not only the few-shot draw (DPC's `library: full`),
     as `PluginContext.full_splits`."""
+    validation: bool = False
+    """Chooses hyper-parameters on the validation split's draw (`min(K, 4)` images per class; the linear
+    probe's C): the run checks its images with the training images, and stops before any work when it is
+    empty."""
 
     def merge(self, outer: RunNeeds) -> RunNeeds:
         """The needs of a stack: this (inner) learner's, then those of a plug-in wrapped around it."""
@@ -88,6 +95,7 @@ class RunNeeds:
             stage1=outer.stage1 or self.stage1,
             transductive=self.transductive or outer.transductive,
             full_training_classes=self.full_training_classes or outer.full_training_classes,
+            validation=self.validation or outer.validation,
         )
 
 
@@ -103,6 +111,16 @@ class PluginContext:
     """The finished stage-1 run folder (`RunNeeds.stage1`)."""
     full_splits: Any = None
     """The training classes before the few-shot draw (`RunNeeds.full_training_classes`)."""
+
+
+@dataclass(frozen=True)
+class LabelledFeatures:
+    """Frozen image features of a set of images (encoded without augmentation) and their labels."""
+
+    features: torch.Tensor
+    """[N, D], as `image_features` returns them (normalised)."""
+    labels: torch.Tensor
+    """[N] class indices into the learner's class names."""
 
 
 @dataclass
@@ -126,6 +144,10 @@ class PromptModel(nn.Module):
     image_conditioned_text: ClassVar[bool] = False
     # True when the learner trains on the unlabelled images of every class (PromptKD; see `RunNeeds`).
     transductive: bool = False
+    # True when the learner is fitted in one call on the frozen features of its training images (and of the
+    # validation draw when its `needs()` asks for it) by `fit_on_features`, instead of by the engine's training
+    # loop (the linear probe).
+    fits_on_features: ClassVar[bool] = False
 
     def __init__(self, clip: CLIP, classnames: Sequence[str], cfg: Any, template: str = "a photo of a {}.") -> None:
         super().__init__()
@@ -196,6 +218,13 @@ class PromptModel(nn.Module):
         """What a run must supply to this learner with config `cfg` (its own config; `run` is the whole
         `RunConfig`). Nothing beyond the images and labels by default."""
         return RunNeeds()
+
+    def fit_on_features(
+        self, train: LabelledFeatures, val: LabelledFeatures | None, log: Callable[[str], None]
+    ) -> dict[str, Any]:
+        """Fit the learner on frozen features (`fits_on_features` learners only); returns what the run records
+        about the fit (results.json `train`)."""
+        raise NotImplementedError(f"{self.name} is trained by the engine's loop, not fitted on features")
 
     encodes_sentences: ClassVar[bool] = False
     """True when `encode_sentences` encodes whole hand-written sentences through the learned text prompts."""

@@ -80,17 +80,28 @@ def training_splits(source: DatasetSplits, spec: RunSpec, fewshot_cache_dir: Any
 
 
 def screen_run_images(
-    spec: RunSpec, cfg: RunConfig, datasets: DatasetCache, splits: DatasetSplits, log: Callable[[str], None]
+    spec: RunSpec,
+    cfg: RunConfig,
+    datasets: DatasetCache,
+    splits: DatasetSplits,
+    log: Callable[[str], None],
+    validation: bool = False,
 ) -> tuple[DatasetSplits, dict[str, list[str]]]:
-    """Check every image the run will read, before it starts: the drawn training images and each evaluation
-    split. With `data.on_bad_image error` a problem stops the run with the list of files; with `skip` those
-    images are left out. Returns the training splits and {"<dataset>/<split>": ["path: problem", ...]} of
-    the images left out (empty when none)."""
+    """Check every image the run will read, before it starts: the drawn training images (and the validation
+    draw with `validation`: a learner chooses its hyper-parameters on it) and each evaluation split. With
+    `data.on_bad_image error` a problem stops the run with the list of files; with `skip` those images are left
+    out. Returns the training splits and {"<dataset>/<split>": ["path: problem", ...]} of the images left out
+    (empty when none)."""
     what = f"training images of {spec.dataset}"
     kept, bad = screen_images(splits, splits.train, what, cfg.data.on_bad_image)
     skipped: dict[str, list[str]] = {f"{spec.dataset}/training": bad}
     if bad:
         splits = splits.replace(train=kept)
+    if validation:
+        kept, bad = screen_images(splits, splits.val, f"validation images of {spec.dataset}", cfg.data.on_bad_image)
+        skipped[f"{spec.dataset}/validation"] = bad
+        if bad:
+            splits = splits.replace(val=kept)
     for target in spec.targets:
         datasets.screen(target.dataset, target.split, skipped)
     skipped = {key: lines for key, lines in skipped.items() if lines}

@@ -22,6 +22,7 @@ from promptclip.protocols.spec import check_dataset_options
 from promptclip.runs import group as rank_group
 from promptclip.runs.errors import RunError
 from promptclip.runs.evaluation import describe_counts, eval_subset_of, evaluate_target, to_evaluation
+from promptclip.runs.fitting import check_validation_draw, fit_on_features
 from promptclip.runs.inputs import (
     DatasetCache,
     check_class_counts,
@@ -54,9 +55,11 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
     datasets = DatasetCache(cfg)
     source = datasets.get(spec.dataset)
     splits, skipped = screen_run_images(
-        spec, cfg, datasets, training_splits(source, spec, options.fewshot_cache_dir), log
+        spec, cfg, datasets, training_splits(source, spec, options.fewshot_cache_dir), log, planned.needs.validation
     )
     check_class_counts(spec, splits, datasets)
+    if planned.needs.validation:
+        check_validation_draw(splits, cfg.method)
     stage1_dir = run_stage1(planned, options, log) if reused is None else None
     seed_everything(spec.seed)
     clip = load_backbone(cfg, device, options.allow_torchscript)
@@ -213,6 +216,8 @@ def train(
         log(f"{learner.name} has no trainable parameters: nothing to train")
         return {"epochs": 0, "steps": 0, "seconds": 0.0, "final_loss": None}
     cfg, spec = planned.cfg, planned.spec
+    if learner.fits_on_features:
+        return fit_on_features(learner, splits, cfg, clip, device, planned.needs.validation, log)
     masks = planned.needs.masks is not None
     if masks:
         splits = with_masks(splits, planned.needs.masks, log)
