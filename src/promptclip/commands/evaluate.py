@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +190,7 @@ def run_eval(args: argparse.Namespace) -> int:
         cfg = RunConfig(model=ModelConfig(precision=args.precision), data=data)
         datasets = DatasetCache(cfg)
         splits = subsample_classes(datasets.get(args.dataset), args.subsample)
+        warn_unknown_class_words(clip, splits.classnames, f"{splits.display_name} ({args.subsample})")
         if prompt_dir is not None:
             learner = _load_prompt(clip, prompt_dir, splits.classnames)
         else:
@@ -218,6 +220,18 @@ def run_eval(args: argparse.Namespace) -> int:
         atomic_write_json(args.output, entry)
         print(f"counts: {args.output}")
     return 0
+
+
+def warn_unknown_class_words(clip: Any, classnames: list[str], where: str) -> None:
+    """Say, before any image is read, when the class names hold words the backbone never learned (and which
+    names it cannot tell apart under any prompt): `promptclip: warning: ...` on stderr."""
+    from promptclip.clip.vocabulary import name_vocabulary
+    from promptclip.runs.inputs import class_vocabulary_message
+
+    vocabulary = name_vocabulary(clip, classnames)
+    if vocabulary:
+        message = class_vocabulary_message(vocabulary, len(classnames), where, clip.config.name)
+        print(f"promptclip: warning: {message}", file=sys.stderr)
 
 
 def _load_prompt(clip: Any, prompt_dir: Path, classnames: list[str]) -> Any:

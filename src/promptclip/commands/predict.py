@@ -7,7 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from promptclip.commands.evaluate import add_backbone_arguments, backbone_source, prompt_folder
+from promptclip.commands.evaluate import (
+    add_backbone_arguments,
+    backbone_source,
+    prompt_folder,
+    warn_unknown_class_words,
+)
 from promptclip.commands.run import user_errors
 
 BATCH = 32
@@ -87,6 +92,7 @@ def run_predict(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         clip = backbone_source(prompt_dir, args.arch, args.weights).load(device)
         learner = build_predictor(clip, prompt_dir, names, args.template or template, args.ensemble).to(device)
+        warn_unknown_class_words(clip, learner.classnames, args.dataset or "the classes to predict")
         pixels = load_images(args.images, clip.image_size)
         probabilities = [
             predict_probabilities(learner, pixels[i : i + BATCH], device=device, precision=args.precision)

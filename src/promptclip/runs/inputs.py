@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from promptclip.clip.model import CLIP
+from promptclip.clip.vocabulary import NameVocabulary, name_vocabulary
 from promptclip.config import RunConfig
 from promptclip.data.datasets import DatasetSplits, build_dataset
 from promptclip.data.datasets.base import SplitName
@@ -184,9 +185,51 @@ def tied_class_names(clip: CLIP, classnames: list[str], template: str) -> list[l
     return groups
 
 
+# What to do about class names a backbone does not know, for the warnings below.
+RENAME_ADVICE = (
+    "Use a backbone that knows these words, or give the classes names it knows (a class-name file: "
+    "--classnames FILE; in a run, --opts data.options.classnames FILE)"
+)
+
+
+def class_vocabulary_message(vocabulary: NameVocabulary, count: int, where: str, arch: str) -> str:
+    """The warning about the class names of `where` (`count` in all) that backbone `arch` lacks words for or
+    cannot tell apart (`name_vocabulary`), and what to do."""
+    parts = []
+    unknown = vocabulary.unknown_words
+    if unknown:
+        shown = ", ".join(f"{name!r} ({' '.join(words)})" for name, words in list(unknown.items())[:10])
+        more = f", and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        parts.append(
+            f"backbone {arch} never learned words of {len(unknown)} of the {count} class names of {where} (their "
+            f"token embeddings are all zero): {shown}{more}."
+        )
+    if vocabulary.identical:
+        groups = "; ".join(" = ".join(repr(name) for name in group) for group in vocabulary.identical[:10])
+        parts.append(
+            f"{len(vocabulary.tied)} of the {count} class names of {where} cannot be told apart by backbone {arch} "
+            f"under any prompt, learned or written (their token embeddings are identical): {groups}. Each group "
+            "gets one text feature: its classes score the same on every image, and the classifier cannot tell them "
+            "apart."
+        )
+    return " ".join([*parts, RENAME_ADVICE])
+
+
+def warn_class_vocabulary(clip: CLIP, splits: DatasetSplits, arch: str) -> NameVocabulary:
+    """Warn (the `promptclip` logger) when the class names hold words the backbone never learned or names it
+    cannot tell apart; returns what `name_vocabulary` found."""
+    vocabulary = name_vocabulary(clip, splits.classnames)
+    if vocabulary:
+        message = class_vocabulary_message(vocabulary, len(splits.classnames), splits.display_name, arch)
+        logging.getLogger("promptclip.runs").warning("%s", message)
+    return vocabulary
+
+
 def warn_tied_class_names(clip: CLIP, splits: DatasetSplits, arch: str) -> list[list[str]]:
-    """Warn (the `promptclip` logger: the run's log and the terminal) about class names the backbone cannot
-    tell apart (`tied_class_names`); returns the groups."""
+    """Warn (the `promptclip` logger: the run's log and the terminal) about class names holding words the
+    backbone never learned (`warn_class_vocabulary`) and about those it cannot tell apart
+    (`tied_class_names`); returns the tied groups."""
+    warn_class_vocabulary(clip, splits, arch)
     groups = tied_class_names(clip, splits.classnames, splits.template)
     if groups:
         shown = "; ".join(" = ".join(repr(name) for name in group) for group in groups[:10])
@@ -195,9 +238,7 @@ def warn_tied_class_names(clip: CLIP, splits: DatasetSplits, arch: str) -> list[
         logging.getLogger("promptclip.runs").warning(
             "%d of the %d class names of %s get identical text features from backbone %s (prompt %r): %s%s. Its "
             "vocabulary does not tell these names apart (a word it never learned has no meaning to it; the bundled "
-            "tiny-synthetic knows only the synthetic world's words), so their prompts start out as one class. Use "
-            "a backbone that knows these words, or give the classes names it knows (a class-name file: "
-            "--classnames FILE; in a run, --opts data.options.classnames FILE)",
+            "tiny-synthetic knows only the synthetic world's words), so their prompts start out as one class. %s",
             count,
             len(splits.classnames),
             splits.display_name,
@@ -205,6 +246,7 @@ def warn_tied_class_names(clip: CLIP, splits: DatasetSplits, arch: str) -> list[
             splits.template,
             shown,
             more,
+            RENAME_ADVICE,
         )
     return groups
 
