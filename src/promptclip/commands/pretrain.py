@@ -50,6 +50,27 @@ def add_pretrain_options(parser: argparse.ArgumentParser) -> None:
         default=defaults.twin_fraction,
         help="fraction of each batch made of shape twins (default %(default)s)",
     )
+    parser.add_argument(
+        "--world",
+        choices=("kinds", "shapes"),
+        default=defaults.world,
+        help="kinds: every shape, kind, colour and scene; shapes: the ten plain shapes and ten scenes only "
+        f"(default {defaults.world})",
+    )
+    parser.add_argument("--init", default=None, help="weights file to start from (default: random initialisation)")
+    parser.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=defaults.crop_fraction,
+        help=f"fraction of images shown as a zoomed-in crop (default {defaults.crop_fraction})",
+    )
+    parser.add_argument(
+        "--style-fraction",
+        type=float,
+        default=defaults.style_fraction,
+        help=f"fraction of images shown pixelated, noisy or faded (default {defaults.style_fraction})",
+    )
+    parser.add_argument("--min-lr", type=float, default=defaults.min_lr)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between zero-shot checks")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=defaults.precision)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -83,6 +104,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         partial_caption_prob=args.partial_captions,
         twin_fraction=args.twin_fraction,
+        world=args.world,
+        init=args.init,
+        crop_fraction=args.crop_fraction,
+        style_fraction=args.style_fraction,
+        min_lr=args.min_lr,
         eval_every=args.eval_every,
         precision=args.precision,
     )

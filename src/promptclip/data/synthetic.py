@@ -25,7 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from promptclip.data.synthetic_render import (
+    ALL_SCENES,
+    ALL_SHAPES,
     COLOURS,
+    KINDS,
+    PLAIN_SCENE,
     SCENES,
     SHAPES,
     SIZE_RANGE,
@@ -36,20 +40,28 @@ from promptclip.data.synthetic_render import (
     render_background,
     render_batch,
 )
+from promptclip.data.synthetic_style import STYLES, apply_style, check_style
 from promptclip.io import atomic_write_json, atomic_write_with
 
 __all__ = [
+    "ALL_SCENES",
+    "ALL_SHAPES",
     "COLOURS",
+    "KINDS",
+    "KIND_TASKS",
     "OBJECT_CLASSES",
+    "PLAIN_SCENE",
     "SCENES",
     "SHAPES",
     "SIZE_RANGE",
+    "STYLES",
     "TASK_NAMES",
     "SceneSpec",
     "SyntheticSample",
     "SyntheticTask",
     "build_task",
     "caption",
+    "caption_scene_phrase",
     "contact_sheet",
     "export_task",
     "position_phrase",
@@ -61,7 +73,38 @@ __all__ = [
     "spurious_scene",
 ]
 
-TASK_NAMES: tuple[str, ...] = ("synthetic_objects", "synthetic_shapes", "synthetic_scenes")
+#: The tuning world: kinds (pseudo-word names, see KINDS) rendered in a style that pretraining rarely shows.
+#: Each has its own class order, so its base and new halves are another random split of the kinds.
+KIND_TASKS: tuple[str, ...] = (
+    "synthetic_kinds",
+    "synthetic_kinds_pixel",
+    "synthetic_kinds_noise",
+    "synthetic_kinds_faded",
+    "synthetic_kinds_spurious",
+)
+
+TASK_NAMES: tuple[str, ...] = ("synthetic_objects", "synthetic_shapes", "synthetic_scenes", *KIND_TASKS)
+
+TEST_SCENES: tuple[str, ...] = ("uniform", "flipped")
+
+
+@dataclass(frozen=True)
+class _KindTaskDefaults:
+    class_order_seed: int  # 0: the order of KINDS
+    classes: int
+    style: str = "none"
+    style_strength: float = 0.0
+    spurious: float = 0.0
+    test_scenes: str = "uniform"
+
+
+_KIND_TASK_DEFAULTS: dict[str, _KindTaskDefaults] = {
+    "synthetic_kinds": _KindTaskDefaults(0, 30),
+    "synthetic_kinds_pixel": _KindTaskDefaults(1, 30, "pixelate", 3.0),
+    "synthetic_kinds_noise": _KindTaskDefaults(2, 30, "noise", 0.25),
+    "synthetic_kinds_faded": _KindTaskDefaults(3, 30, "faded", 0.6),
+    "synthetic_kinds_spurious": _KindTaskDefaults(4, 10, spurious=1.0, test_scenes="flipped"),
+}
 
 #: The fixed (colour, shape) classes of ``synthetic_objects``. Every colour and every shape appears in at
 #: least two classes, and the first and second halves share attributes but no class, so a base/new split
@@ -97,6 +140,7 @@ _TEMPLATES: dict[str, str] = {
     "synthetic_objects": "a photo of a {}.",
     "synthetic_shapes": "a photo of a {}.",
     "synthetic_scenes": "a photo of a {} background.",
+    **{name: "a photo of a {}." for name in KIND_TASKS},
 }
 
 _SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -121,6 +165,7 @@ _SCENE_PHRASES: dict[str, tuple[str, ...]] = {
     "night sky": ("in the night sky", "against the night sky"),
     "road": ("on a road", "on the road"),
     "tiled floor": ("on a tiled floor", "on the tiled floor"),
+    PLAIN_SCENE: ("on plain grey", "against plain grey"),
 }
 
 _CAPTION_TEMPLATES: tuple[str, ...] = (
@@ -164,6 +209,12 @@ def position_phrase(cx: float, cy: float) -> str:
     return _POSITION_PHRASES[(vertical, horizontal)]
 
 
+def caption_scene_phrase(scene: str, synonym: int) -> str:
+    """How captions say where the object is: "on grass", "in front of a brick wall", ..."""
+    phrases = _SCENE_PHRASES[scene]
+    return phrases[synonym % len(phrases)]
+
+
 def caption(spec: SceneSpec, variant: int = 0) -> str:
     """A caption naming the colour, the shape and the scene, and in most variants the size and position.
 
@@ -175,8 +226,7 @@ def caption(spec: SceneSpec, variant: int = 0) -> str:
     pattern = _CAPTION_TEMPLATES[variant % len(_CAPTION_TEMPLATES)]
     synonym = (variant // len(_CAPTION_TEMPLATES)) % 2
     sizes = _SIZE_WORDS[size_word(spec.size)]
-    scenes = _SCENE_PHRASES[spec.scene]
-    scene_phrase = scenes[synonym % len(scenes)]
+    scene_phrase = caption_scene_phrase(spec.scene, synonym)
     text = pattern.format(
         size=sizes[synonym % len(sizes)],
         colour=spec.colour,
@@ -218,6 +268,9 @@ class SyntheticTask:
     spurious: float = 0.0
     seed: int = 0
     scene_of_class: list[str] = field(default_factory=list)
+    style: str = "none"
+    style_strength: float = 0.0
+    test_scenes: str = "uniform"
 
     def split(self, split: str) -> list[SyntheticSample]:
         """The samples of "train", "val" or "test"."""
@@ -227,8 +280,9 @@ class SyntheticTask:
         return samples
 
     def render_sample(self, sample: SyntheticSample) -> tuple[np.ndarray, np.ndarray]:
-        """(image, mask) of one sample at the task's image size."""
-        return render(sample.spec, self.image_size)
+        """(image, mask) of one sample at the task's image size, in the task's style."""
+        image, mask = render(sample.spec, self.image_size)
+        return apply_style(image, self.style, self.style_strength, sample.spec.seed), mask
 
 
 def spurious_scene(task_name: str, label: int) -> str:
@@ -243,7 +297,23 @@ def _classnames(name: str) -> list[str]:
         return [f"{colour} {shape}" for colour, shape in OBJECT_CLASSES]
     if name == "synthetic_shapes":
         return list(SHAPES)
+    if name in _KIND_TASK_DEFAULTS:
+        return _kind_classes(_KIND_TASK_DEFAULTS[name])
     return list(SCENES)
+
+
+def _kind_classes(defaults: _KindTaskDefaults) -> list[str]:
+    """The task's kinds in its own order: the first half is its base split, the second its new split."""
+    names = list(KINDS)
+    if defaults.class_order_seed:
+        order = np.random.default_rng([defaults.class_order_seed, 5153]).permutation(len(names))
+        names = [names[int(i)] for i in order]
+    return names[: defaults.classes]
+
+
+def _test_scene(label: int) -> str:
+    """The scene of a test image under ``test_scenes="flipped"``: the one tied to the next class."""
+    return SCENES[(label + 1) % len(SCENES)]
 
 
 def _stream(*key: int) -> np.random.Generator:
@@ -252,7 +322,7 @@ def _stream(*key: int) -> np.random.Generator:
 
 
 def _class_samples(
-    name: str, seed: int, split_index: int, label: int, count: int, spurious: float
+    name: str, classnames: list[str], seed: int, split_index: int, label: int, count: int, rule: _SceneRule
 ) -> list[SyntheticSample]:
     """``count`` samples of one class in one split.
 
@@ -263,7 +333,7 @@ def _class_samples(
     shapes = _stream(*key, 0).integers(0, len(SHAPES), count)
     colours = _stream(*key, 1).integers(0, len(COLOURS), count)
     scenes = _stream(*key, 2).integers(0, len(SCENES), count)
-    shortcut = _stream(*key, 3).random(count) < spurious
+    shortcut = _stream(*key, 3).random(count) < rule.spurious
     sizes = _stream(*key, 4).uniform(*SIZE_RANGE, count)
     place = _stream(*key, 5).random((count, 2))
     seeds = _stream(*key, 6).integers(0, 2**62, count)
@@ -275,15 +345,28 @@ def _class_samples(
             colour, shape = OBJECT_CLASSES[label]
         elif name == "synthetic_shapes":
             shape = SHAPES[label]
+        elif name in _KIND_TASK_DEFAULTS:
+            shape = classnames[label]
         else:
             scene = SCENES[label]
         if shortcut[j]:
             scene = spurious_scene(name, label)
+        elif rule.flipped:
+            scene = _test_scene(label)
         size = float(sizes[j])
         cx, cy = (size / 2 + (1.0 - size) * place[j]).tolist()
         spec = SceneSpec(shape, colour, scene, size, cx, cy, int(seeds[j]))
         samples.append(SyntheticSample(spec, label))
     return samples
+
+
+@dataclass(frozen=True)
+class _SceneRule:
+    """How one split chooses scenes: tied to the class with probability ``spurious``, else uniform, or
+    (``flipped``) always the scene tied to another class."""
+
+    spurious: float = 0.0
+    flipped: bool = False
 
 
 def _check_count(field_name: str, value: int, minimum: int) -> None:
@@ -299,38 +382,48 @@ def build_task(
     val_per_class: int = 8,
     test_per_class: int = 32,
     image_size: int = 64,
-    spurious: float = 0.0,
+    spurious: float | None = None,
+    style: str | None = None,
+    style_strength: float | None = None,
+    test_scenes: str | None = None,
 ) -> SyntheticTask:
     """Build one of :data:`TASK_NAMES` as class-balanced train/val/test lists of specs (nothing rendered).
 
     ``spurious`` in [0, 1] ties background and class in the train split only: with that probability a
     training sample's scene is ``spurious_scene(name, label)``, otherwise a uniformly random scene (which may
-    also be the tied one). Validation and test scenes are always uniform. ``synthetic_scenes`` accepts only
-    ``spurious=0`` because its class *is* the scene. The result is a pure function of the arguments.
+    also be the tied one). Validation and test scenes are uniform, or with ``test_scenes="flipped"`` the scene
+    tied to the next class, so that the shortcut points to a wrong class. ``style`` and ``style_strength``
+    render every image of the task in one of :data:`STYLES`. ``None`` takes the task's own default (a kind
+    task's style and shortcut; otherwise no style, no shortcut). ``synthetic_scenes`` accepts neither a
+    shortcut nor flipped scenes, because its class *is* the scene. The result is a pure function of the
+    arguments.
     """
     if name not in TASK_NAMES:
         raise ValueError(f"unknown synthetic task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
-    _check_count("seed", seed, 0)
-    _check_count("train_per_class", train_per_class, 1)
-    _check_count("val_per_class", val_per_class, 0)
-    _check_count("test_per_class", test_per_class, 1)
-    check_image_size(image_size)
-    if not 0.0 <= spurious <= 1.0:
-        raise ValueError(f"build_task: spurious must be in [0, 1] (a probability), got {spurious}")
-    if name == "synthetic_scenes" and spurious > 0:
-        raise ValueError(
-            "build_task: spurious > 0 is not applicable to synthetic_scenes (its label is the background "
-            "scene); use synthetic_objects or synthetic_shapes, or set spurious=0"
-        )
+    defaults = _KIND_TASK_DEFAULTS.get(name, _KindTaskDefaults(0, 0))
+    spurious = defaults.spurious if spurious is None else spurious
+    style = defaults.style if style is None else style
+    style_strength = defaults.style_strength if style_strength is None else style_strength
+    test_scenes = defaults.test_scenes if test_scenes is None else test_scenes
+    _check_task_options(name, seed, (train_per_class, val_per_class, test_per_class), image_size, spurious)
+    check_style(style, style_strength)
+    if test_scenes not in TEST_SCENES:
+        raise ValueError(f"build_task: test_scenes must be one of {', '.join(TEST_SCENES)}, got {test_scenes!r}")
+    if name == "synthetic_scenes" and test_scenes != "uniform":
+        raise ValueError("build_task: synthetic_scenes needs test_scenes='uniform' (its label is the scene)")
     classnames = _classnames(name)
     counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+    rules = {
+        "train": _SceneRule(spurious=spurious),
+        "val": _SceneRule(),
+        "test": _SceneRule(flipped=test_scenes == "flipped"),
+    }
     splits: dict[str, list[SyntheticSample]] = {}
     for split_index, split in enumerate(_SPLITS):
-        strength = spurious if split == "train" else 0.0
         splits[split] = [
             sample
             for label in range(len(classnames))
-            for sample in _class_samples(name, seed, split_index, label, counts[split], strength)
+            for sample in _class_samples(name, classnames, seed, split_index, label, counts[split], rules[split])
         ]
     return SyntheticTask(
         name=name,
@@ -343,7 +436,28 @@ def build_task(
         spurious=float(spurious),
         seed=int(seed),
         scene_of_class=[spurious_scene(name, label) for label in range(len(classnames))],
+        style=style,
+        style_strength=float(style_strength) if style != "none" else 0.0,
+        test_scenes=test_scenes,
     )
+
+
+def _check_task_options(
+    name: str, seed: int, per_class: tuple[int, int, int], image_size: int, spurious: float
+) -> None:
+    _check_count("seed", seed, 0)
+    for field_name, value, minimum in zip(
+        ("train_per_class", "val_per_class", "test_per_class"), per_class, (1, 0, 1), strict=True
+    ):
+        _check_count(field_name, value, minimum)
+    check_image_size(image_size)
+    if not 0.0 <= spurious <= 1.0:
+        raise ValueError(f"build_task: spurious must be in [0, 1] (a probability), got {spurious}")
+    if name == "synthetic_scenes" and spurious > 0:
+        raise ValueError(
+            "build_task: spurious > 0 is not applicable to synthetic_scenes (its label is the background "
+            "scene); use synthetic_objects or synthetic_shapes, or set spurious=0"
+        )
 
 
 def _block_permutation_indices(rng: np.random.Generator, count: int, period: int) -> np.ndarray:
@@ -352,19 +466,21 @@ def _block_permutation_indices(rng: np.random.Generator, count: int, period: int
     return np.concatenate([rng.permutation(period) for _ in range(blocks)])[:count]
 
 
-def sample_pretraining_specs(count: int, seed: int) -> list[SceneSpec]:
-    """``count`` random specs for image-caption pretraining over every shape, colour and scene.
+def sample_pretraining_specs(count: int, seed: int, *, kinds: bool = True) -> list[SceneSpec]:
+    """``count`` random specs for image-caption pretraining over every shape and kind, colour and scene.
 
-    Shapes, colours and scenes each run through shuffled blocks of all their values, so each aligned block
-    of 10 specs (0-9, 10-19, ...) covers every shape, colour and scene; the three attributes are paired at
-    random. The list is prefix-stable: the first k specs are the same for any count >= k.
+    Shapes (with the kinds), colours and scenes (with the plain one) each run through shuffled blocks of all
+    their values, so every aligned block of specs covers each of them; the three attributes are paired at
+    random. The list is prefix-stable: the first k specs are the same for any count >= k. ``kinds=False``
+    leaves out the kinds and the plain scene (the world of the first pretraining phase).
     """
     _check_count("count", count, 0)
     _check_count("seed", seed, 0)
     tag = 1_000_003  # keeps these streams apart from build_task's
-    shapes = _block_permutation_indices(_stream(tag, seed, 0), count, len(SHAPES))
+    shape_pool, scene_pool = (ALL_SHAPES, ALL_SCENES) if kinds else (SHAPES, SCENES)
+    shapes = _block_permutation_indices(_stream(tag, seed, 0), count, len(shape_pool))
     colours = _block_permutation_indices(_stream(tag, seed, 1), count, len(COLOURS))
-    scenes = _block_permutation_indices(_stream(tag, seed, 2), count, len(SCENES))
+    scenes = _block_permutation_indices(_stream(tag, seed, 2), count, len(scene_pool))
     sizes = _stream(tag, seed, 3).uniform(*SIZE_RANGE, count)
     place = _stream(tag, seed, 4).random((count, 2))
     seeds = _stream(tag, seed, 5).integers(0, 2**62, count)
@@ -374,7 +490,9 @@ def sample_pretraining_specs(count: int, seed: int) -> list[SceneSpec]:
         size = float(sizes[j])
         cx, cy = (size / 2 + (1.0 - size) * place[j]).tolist()
         specs.append(
-            SceneSpec(SHAPES[shapes[j]], colour_names[colours[j]], SCENES[scenes[j]], size, cx, cy, int(seeds[j]))
+            SceneSpec(
+                shape_pool[shapes[j]], colour_names[colours[j]], scene_pool[scenes[j]], size, cx, cy, int(seeds[j])
+            )
         )
     return specs
 

@@ -24,7 +24,12 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = [
+    "ALL_SCENES",
+    "ALL_SHAPES",
     "COLOURS",
+    "KINDS",
+    "MARKINGS",
+    "PLAIN_SCENE",
     "SCENES",
     "SHAPES",
     "SIZE_RANGE",
@@ -75,6 +80,38 @@ SCENES: tuple[str, ...] = (
     "tiled floor",
 )
 
+#: Markings drawn inside a silhouette in a contrasting shade of the fill; a kind is a silhouette and a marking.
+MARKINGS: tuple[str, ...] = ("stripes", "spots", "eye")
+
+# Names with one token each in CLIP's vocabulary, unrelated to what they name: a kind can only be learned
+# from captions, and no two kinds share a word.
+_KIND_NAMES: tuple[str, ...] = (
+    "dax", "toma", "kiki", "mog", "jeb", "mib", "quen", "zeb", "dorf", "lox",
+    "vex", "pim", "tuk", "zog", "nib", "wim", "bop", "zin", "tik", "lum",
+    "dov", "fim", "lek", "nuk", "ovo", "pex", "raz", "tob", "vox", "wiz",
+)  # fmt: skip
+
+
+def _assign_kinds() -> dict[str, tuple[str, str]]:
+    """Every (silhouette, marking) pair gets one name; a fixed shuffle keeps name order and looks apart."""
+    pairs = [(shape, marking) for marking in MARKINGS for shape in SHAPES]
+    order = np.random.default_rng(20261206).permutation(len(pairs))
+    return {name: pairs[int(i)] for name, i in zip(_KIND_NAMES, order, strict=True)}
+
+
+#: The 30 kinds of the world: pseudo-word name -> (silhouette from SHAPES, marking from MARKINGS).
+KINDS: dict[str, tuple[str, str]] = _assign_kinds()
+
+#: Every value a spec's ``shape`` may take: the plain shapes, then the kinds.
+ALL_SHAPES: tuple[str, ...] = SHAPES + tuple(KINDS)
+
+#: A flat grey at CLIP's mean colour: what a foreground-only view puts around the object. Pretraining shows
+#: it; no downstream task uses it as a scene.
+PLAIN_SCENE = "plain"
+
+#: Every value a spec's ``scene`` may take.
+ALL_SCENES: tuple[str, ...] = (*SCENES, PLAIN_SCENE)
+
 #: Object size, as the diameter of the object's bounding circle over the image side.
 SIZE_RANGE: tuple[float, float] = (0.3, 0.7)
 
@@ -105,9 +142,9 @@ class SceneSpec:
     seed: int
 
     def __post_init__(self) -> None:
-        _check_name("shape", self.shape, SHAPES)
+        _check_name("shape", self.shape, ALL_SHAPES)
         _check_name("colour", self.colour, tuple(COLOURS))
-        _check_name("scene", self.scene, SCENES)
+        _check_name("scene", self.scene, ALL_SCENES)
         if not 0.05 <= self.size <= 1.0:
             raise ValueError(f"SceneSpec.size must be in [0.05, 1] (fraction of the image), got {self.size}")
         for name, value in (("cx", self.cx), ("cy", self.cy)):
@@ -265,6 +302,12 @@ def _tiled_floor(rng: np.random.Generator, n: int) -> np.ndarray:
     return img
 
 
+def _plain(rng: np.random.Generator, n: int) -> np.ndarray:
+    return np.broadcast_to(np.array(_CLIP_MEAN_RGB, dtype=np.float32), (n, n, 3)).copy()
+
+
+_CLIP_MEAN_RGB = (122.8, 116.7, 104.1)  # CLIP's normalisation mean x 255: zero after normalising
+
 _SCENE_PAINTERS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "grass": _grass,
     "sky": _sky,
@@ -276,16 +319,17 @@ _SCENE_PAINTERS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "night sky": _night_sky,
     "road": _road,
     "tiled floor": _tiled_floor,
+    PLAIN_SCENE: _plain,
 }
 
 
 def render_background(scene: str, seed: int, image_size: int = 64) -> np.ndarray:
     """The scene alone, as uint8 [H, W, 3]; exactly the background that :func:`render` draws on."""
-    _check_name("scene", scene, SCENES)
+    _check_name("scene", scene, ALL_SCENES)
     check_image_size(image_size)
-    rng = np.random.default_rng([int(seed), SCENES.index(scene)])
+    rng = np.random.default_rng([int(seed), ALL_SCENES.index(scene)])
     img = _SCENE_PAINTERS[scene](rng, image_size)
-    brightness = np.float32(rng.uniform(0.9, 1.1))
+    brightness = np.float32(1.0 if scene == PLAIN_SCENE else rng.uniform(0.9, 1.1))
     return np.clip(img * brightness, 0.0, 255.0).astype(np.uint8)
 
 
@@ -376,6 +420,36 @@ _SHAPE_TESTS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
+def _stripes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.mod(y + 1.0, 0.5) < 0.22  # bands about a fifth of the object wide: visible at 20 px
+
+
+def _spots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    gx, gy = x / 0.55 - np.round(x / 0.55), y / 0.55 - np.round(y / 0.55)
+    return gx * gx + gy * gy <= 0.36**2
+
+
+def _eye(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return x * x + y * y <= 0.36**2
+
+
+_MARKING_TESTS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "stripes": _stripes,
+    "spots": _spots,
+    "eye": _eye,
+}
+
+
+def _silhouette_and_marking(shape: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inside mask of a shape or kind, and the pixels of its marking (empty for a plain shape)."""
+    if shape in KINDS:
+        silhouette, marking = KINDS[shape]
+        inside = _SHAPE_TESTS[silhouette](x, y)
+        return inside, inside & _MARKING_TESTS[marking](x, y)
+    inside = _SHAPE_TESTS[shape](x, y)
+    return inside, np.zeros_like(inside)
+
+
 def _object_nuisances(spec: SceneSpec) -> tuple[float, np.ndarray]:
     """Tilt (radians) and jittered fill colour, drawn from the spec's seed only."""
     rng = np.random.default_rng([int(spec.seed), 7919])
@@ -408,16 +482,19 @@ def _paint_object(img: np.ndarray, spec: SceneSpec) -> np.ndarray:
     tilt, fill = _object_nuisances(spec)
     cos_t, sin_t = math.cos(tilt), math.sin(tilt)
     local_x, local_y = cos_t * dx + sin_t * dy, cos_t * dy - sin_t * dx
-    inside = _SHAPE_TESTS[spec.shape](local_x, local_y)
+    inside, marked = _silhouette_and_marking(spec.shape, local_x, local_y)
     if not inside.any():
         return mask
     # Soft top-lit shading keeps the object's hue while giving it some volume.
     shade = 1.0 + 0.12 * np.clip(-local_y, -1.0, 1.0)
     colour = np.clip(fill * shade[..., None], 0.0, 255.0)
+    luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+    # A marking is a darker shade of a light fill, or a lighter shade of a dark one.
+    marking = fill * 0.35 if luminance > 100 else fill * 0.4 + 150.0
+    colour[marked] = marking
     # Outline: object pixels with a 4-neighbour outside the object (or the image).
     padded = np.pad(inside, 1, constant_values=False)
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
     colour[inside & ~interior] = _OUTLINE_DARK if luminance > 100 else _OUTLINE_LIGHT
     crop = img[y0:y1, x0:x1]
     before = crop.copy()

@@ -4,6 +4,7 @@ run's seed and the step (so a resumed run sees exactly the batches an uninterrup
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -11,10 +12,12 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from promptclip.clip.tokenizer import tokenize
 from promptclip.clip.transforms import CLIP_MEAN, CLIP_STD
 from promptclip.data import synthetic
+from promptclip.data.synthetic_style import STYLE_RANGES, apply_style
 from promptclip.pretraining.config import PretrainConfig, PretrainError
 
 __all__ = ["RENDER_SIZE", "CaptionedBatch", "attribute_caption", "caption_batch", "images_to_pixels"]
@@ -95,8 +98,8 @@ def _match_matrix(specs: Sequence[synthetic.SceneSpec], mentioned: Sequence[tupl
 
 
 @lru_cache(maxsize=2)
-def _spec_shard(seed: int, shard: int, shard_size: int) -> tuple[synthetic.SceneSpec, ...]:
-    return tuple(synthetic.sample_pretraining_specs(shard_size, seed=seed * 1_000_003 + shard))
+def _spec_shard(seed: int, shard: int, shard_size: int, kinds: bool) -> tuple[synthetic.SceneSpec, ...]:
+    return tuple(synthetic.sample_pretraining_specs(shard_size, seed=seed * 1_000_003 + shard, kinds=kinds))
 
 
 def _twin_count(cfg: PretrainConfig) -> int:
@@ -111,13 +114,14 @@ def _fresh_specs(cfg: PretrainConfig, step: int) -> list[synthetic.SceneSpec]:
         raise PretrainError(f"pretrain config: shard_size ({cfg.shard_size}) must be >= batch_size ({cfg.batch_size})")
     shard, slot = divmod(step, per_shard)
     start = slot * fresh
-    return list(_spec_shard(cfg.seed, shard, cfg.shard_size)[start : start + fresh])
+    kinds = cfg.world == "kinds"
+    return list(_spec_shard(cfg.seed, shard, cfg.shard_size, kinds)[start : start + fresh])
 
 
 def _shape_twins(
     specs: Sequence[synthetic.SceneSpec], count: int, rng: np.random.Generator
 ) -> list[synthetic.SceneSpec]:
-    """Copies of the first `count` specs, each with another shape drawn at random."""
+    """Copies of the first `count` specs, each with another of the ten plain shapes (the "shapes" world)."""
     offsets = rng.integers(1, len(synthetic.SHAPES), count)
     twins = []
     for spec, offset in zip(specs[:count], offsets, strict=True):
@@ -126,10 +130,71 @@ def _shape_twins(
     return twins
 
 
+def _kind_twins(
+    specs: Sequence[synthetic.SceneSpec], count: int, rng: np.random.Generator
+) -> list[synthetic.SceneSpec]:
+    """Copies of the first `count` specs, each with another shape or kind.
+
+    Half the twins of a kind keep its silhouette and change the marking (or drop it), so that the marking,
+    not only the outline, must be seen to tell a kind apart."""
+    twins = []
+    for spec in specs[:count]:
+        siblings = _siblings(spec.shape)
+        pool = siblings if siblings and rng.random() < 0.5 else [s for s in synthetic.ALL_SHAPES if s != spec.shape]
+        twins.append(dataclasses.replace(spec, shape=pool[int(rng.integers(len(pool)))]))
+    return twins
+
+
+@lru_cache(maxsize=64)
+def _siblings(shape: str) -> list[str]:
+    """The plain shape and the other kinds that share the silhouette of kind `shape` (empty for a shape)."""
+    if shape not in synthetic.KINDS:
+        return []
+    outline = synthetic.KINDS[shape][0]
+    kinds = [name for name, (other, _) in synthetic.KINDS.items() if other == outline and name != shape]
+    return [outline, *kinds]
+
+
 def _batch_specs(cfg: PretrainConfig, step: int) -> list[synthetic.SceneSpec]:
     specs = _fresh_specs(cfg, step)
     rng = np.random.default_rng([cfg.seed, step, 29])
-    return specs + _shape_twins(specs, _twin_count(cfg), rng)
+    twins = _kind_twins if cfg.world == "kinds" else _shape_twins
+    return specs + twins(specs, _twin_count(cfg), rng)
+
+
+# Captions of zoomed-in crops: the crop changes the size and position words, so they name neither.
+_CROP_PATTERNS: tuple[str, ...] = (
+    "a close-up of a {colour} {shape} {scene}.",
+    "a {colour} {shape} {scene}, seen up close.",
+)
+
+
+def _crop_caption(spec: synthetic.SceneSpec, variant: int) -> str:
+    pattern = _CROP_PATTERNS[variant % len(_CROP_PATTERNS)]
+    scene = synthetic.caption_scene_phrase(spec.scene, variant // len(_CROP_PATTERNS))
+    return _with_articles(pattern.format(colour=spec.colour, shape=spec.shape, scene=scene))
+
+
+def _zoom_crop(image: np.ndarray, spec: synthetic.SceneSpec, rng: np.random.Generator) -> np.ndarray:
+    """A square crop that keeps the whole object in view, resized back to the image's side (bilinear)."""
+    n = image.shape[0]
+    low = min(1.0, spec.size + 0.1)
+    side = max(4, round(rng.uniform(low, 1.0) * n))
+    radius = spec.size / 2 * n
+    x_min = max(0, min(n - side, math.ceil(spec.cx * n + radius) - side))
+    x_max = max(x_min, min(n - side, math.floor(spec.cx * n - radius)))
+    y_min = max(0, min(n - side, math.ceil(spec.cy * n + radius) - side))
+    y_max = max(y_min, min(n - side, math.floor(spec.cy * n - radius)))
+    x0, y0 = int(rng.integers(x_min, x_max + 1)), int(rng.integers(y_min, y_max + 1))
+    crop = Image.fromarray(image[y0 : y0 + side, x0 : x0 + side])
+    return np.asarray(crop.resize((n, n), Image.Resampling.BILINEAR))
+
+
+def _style(image: np.ndarray, spec: synthetic.SceneSpec, rng: np.random.Generator) -> np.ndarray:
+    """The image in one of the world's styles, drawn at random with a random strength."""
+    style = synthetic.STYLES[1 + int(rng.integers(len(synthetic.STYLES) - 1))]
+    low, high = STYLE_RANGES[style]
+    return apply_style(image, style, float(rng.uniform(low, high)), spec.seed)
 
 
 def caption_batch(cfg: PretrainConfig, step: int, context_length: int = 77) -> CaptionedBatch:
@@ -138,16 +203,25 @@ def caption_batch(cfg: PretrainConfig, step: int, context_length: int = 77) -> C
     rng = np.random.default_rng([cfg.seed, step, 17])
     partial = rng.random(len(specs)) < cfg.partial_caption_prob
     variants = rng.integers(0, 1 << 20, len(specs))
+    view_rng = np.random.default_rng([cfg.seed, step, 31])
+    cropped = view_rng.random(len(specs)) < cfg.crop_fraction
+    styled = view_rng.random(len(specs)) < cfg.style_fraction
+    images, _ = synthetic.render_batch(specs, RENDER_SIZE)
     captions: list[str] = []
     mentioned: list[tuple[int, ...]] = []
-    for spec, is_partial, variant in zip(specs, partial, variants, strict=True):
-        if is_partial:
+    for i, (spec, variant) in enumerate(zip(specs, variants, strict=True)):
+        keys: tuple[int, ...]
+        if cropped[i]:
+            images[i] = _zoom_crop(images[i], spec, view_rng)
+            text, keys = _crop_caption(spec, int(variant)), (_SHAPE, _COLOUR, _SCENE)
+        elif partial[i]:
             text, keys = attribute_caption(spec, int(variant))
         else:
             text, keys = synthetic.caption(spec, int(variant)), _FULL
+        if styled[i]:
+            images[i] = _style(images[i], spec, view_rng)
         captions.append(text)
         mentioned.append(keys)
-    images, _ = synthetic.render_batch(specs, RENDER_SIZE)
     tokens = torch.tensor([_token_ids(text, context_length) for text in captions], dtype=torch.long)
     return CaptionedBatch(images, tokens, _match_matrix(specs, mentioned), captions)
 

@@ -22,6 +22,9 @@ TINY_SYNTHETIC_ARCH: dict[str, Any] = {
 }
 
 
+WORLDS: tuple[str, ...] = ("kinds", "shapes")
+
+
 class PretrainError(ValueError):
     """A pretraining setting or checkpoint that cannot be used; the message says which and what to do."""
 
@@ -44,6 +47,18 @@ class PretrainConfig:
     twin_fraction: float = 0.5
     """Fraction of each batch made of shape twins: copies of another image of the batch with only the shape
     changed (same colour, scene, size, position and texture), so the shape must be seen to tell them apart."""
+    world: str = "kinds"
+    """"kinds": every shape, kind, colour and scene (the plain one included); "shapes": only the ten plain
+    shapes and ten scenes, the world of the first phase of the shipped model."""
+    init: str | None = None
+    """Weights file to start from (a model of the same architecture) instead of a random initialisation; the
+    optimizer starts afresh."""
+    crop_fraction: float = 0.25
+    """Fraction of images shown as a zoomed-in crop that keeps the whole object (captioned without size or
+    position), so the crops of few-shot tuning are in distribution."""
+    style_fraction: float = 0.05
+    """Fraction of images shown in one of the world's styles (pixelated, noisy, faded) at a random strength:
+    rarely enough that a task rendered entirely in a style is a domain gap."""
     shard_size: int = 8192
     """Specs drawn per call of `sample_pretraining_specs` (one shard = seed-keyed, prefix-stable list)."""
     eval_every: int = 200
@@ -62,6 +77,9 @@ class PretrainConfig:
             raise PretrainError("pretrain config: batch_size must be >= 2 (a contrastive loss needs negatives)")
         if not 0.0 <= self.twin_fraction <= 0.5:
             raise PretrainError(f"pretrain config: twin_fraction must be in [0, 0.5], got {self.twin_fraction}")
+        for name in ("crop_fraction", "style_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PretrainError(f"pretrain config: {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.partial_caption_prob <= 1.0:
             raise PretrainError(
                 f"pretrain config: partial_caption_prob must be in [0, 1], got {self.partial_caption_prob}"
@@ -72,6 +90,8 @@ class PretrainConfig:
             )
         if not 0 <= self.warmup_steps < self.steps:
             raise PretrainError(f"pretrain config: warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if self.world not in WORLDS:
+            raise PretrainError(f"pretrain config: world must be one of {', '.join(WORLDS)}, got {self.world!r}")
         if self.precision not in ("fp32", "bf16"):
             raise PretrainError(f"pretrain config: precision must be 'fp32' or 'bf16', got {self.precision!r}")
         try:

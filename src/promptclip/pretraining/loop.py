@@ -146,6 +146,8 @@ def pretrain(
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     model = CLIP(cfg.arch_config()).to(device)
+    if cfg.init is not None:
+        _load_init(model, cfg.init)
     model.train()
     optimizer = build_optimizer(model, cfg)
     history: list[dict[str, Any]] = []
@@ -185,6 +187,25 @@ def pretrain(
     model.eval()
     steps_run = max(0, end - start)
     return PretrainResult(model, history, steps_run, time.time() - began, _trained_tokens(model, optimizer))
+
+
+def _load_init(model: CLIP, path: str) -> None:
+    """Start from the weights of `path` (same architecture), read as fp32."""
+    from promptclip.clip.weights import load_clip
+
+    try:
+        start = load_clip(path)
+    except (OSError, ValueError) as err:
+        raise PretrainError(f"pretrain config: init {path!r} cannot be loaded ({err})") from None
+    missing = model.load_state_dict(start.state_dict(), strict=False)
+    if missing.missing_keys or missing.unexpected_keys:
+        raise PretrainError(
+            f"pretrain config: init {path!r} is another architecture (missing {missing.missing_keys[:3]}, "
+            f"unexpected {missing.unexpected_keys[:3]}); give a weights file of the architecture being trained"
+        )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
 
 
 def _trained_tokens(model: CLIP, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

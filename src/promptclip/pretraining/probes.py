@@ -31,14 +31,26 @@ class ZeroShotProbe:
     labels: np.ndarray
 
 
+#: The tasks checked during pretraining: the three plain-world tasks, the kinds, and the kinds in two styles.
+PROBE_TASKS: tuple[str, ...] = (
+    "synthetic_objects",
+    "synthetic_shapes",
+    "synthetic_scenes",
+    "synthetic_kinds",
+    "synthetic_kinds_pixel",
+    "synthetic_kinds_noise",
+)
+
+
 def build_probes(split: str = "val", per_class: int = 8, seed: int = 0) -> list[ZeroShotProbe]:
-    """One probe per synthetic task: `per_class` images of every class from the task's `split`."""
+    """One probe per task of :data:`PROBE_TASKS`: `per_class` images of every class from the task's `split`
+    (in the task's own style)."""
     probes = []
-    for name in synthetic.TASK_NAMES:
+    for name in PROBE_TASKS:
         counts = {"val_per_class": per_class} if split == "val" else {"test_per_class": per_class}
-        task = synthetic.build_task(name, seed=seed, image_size=RENDER_SIZE, **counts)
+        task = synthetic.build_task(name, seed=seed, image_size=RENDER_SIZE, **counts)  # type: ignore[arg-type]
         samples = task.split(split)
-        images, _ = synthetic.render_batch([s.spec for s in samples], RENDER_SIZE)
+        images = np.stack([task.render_sample(s)[0] for s in samples])
         labels = np.array([s.label for s in samples], dtype=np.int64)
         probes.append(ZeroShotProbe(name, list(task.classnames), task.template, images, labels))
     return probes

@@ -29,19 +29,19 @@ class SyntheticRenderer:
     task: synthetic.SyntheticTask
     description: str = "exact masks from the synthetic renderer"
 
-    def _spec(self, datum: Datum) -> synthetic.SceneSpec:
+    def _sample(self, datum: Datum) -> synthetic.SyntheticSample:
         split, _, index = datum.path.partition("/")
         try:
-            return self.task.split(split)[int(index)].spec
+            return self.task.split(split)[int(index)]
         except (ValueError, IndexError):
             raise DatasetError(f"{datum.path!r} is not an image id of {self.task.name}") from None
 
     def load_image(self, datum: Datum) -> Image.Image:
-        image, _ = synthetic.render(self._spec(datum), self.task.image_size)
+        image, _ = self.task.render_sample(self._sample(datum))
         return Image.fromarray(image, mode="RGB")
 
     def load(self, datum: Datum) -> Image.Image:
-        _, mask = synthetic.render(self._spec(datum), self.task.image_size)
+        _, mask = synthetic.render(self._sample(datum).spec, self.task.image_size)
         return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
 
     def missing(self, data: Sequence[Datum]) -> list[Datum]:
@@ -61,18 +61,26 @@ class SyntheticDataset(DatasetBuilder):
         val_per_class: int = 8,
         test_per_class: int = 32,
         image_size: int = 64,
-        spurious: float = 0.0,
+        spurious: float | None = None,
+        style: str | None = None,
+        style_strength: float | None = None,
+        test_scenes: str | None = None,
     ) -> None:
-        given = {
+        given: dict[str, tuple[object, type]] = {
             "seed": (seed, int),
             "train_per_class": (train_per_class, int),
             "val_per_class": (val_per_class, int),
             "test_per_class": (test_per_class, int),
             "image_size": (image_size, int),
             "spurious": (spurious, float),
+            "style": (style, str),
+            "style_strength": (style_strength, float),
+            "test_scenes": (test_scenes, str),
         }
-        self.task_options: dict[str, int | float] = {}
+        self.task_options: dict[str, int | float | str] = {}
         for option, (value, kind) in given.items():
+            if value is None:  # the task's own default
+                continue
             try:
                 self.task_options[option] = kind(value)
             except (TypeError, ValueError):
@@ -133,3 +141,38 @@ class SyntheticScenes(SyntheticDataset):
     """Synthetic scenes: 10 background scenes rendered on the fly, exact masks, 'a photo of a {} background.'"""
 
     name: ClassVar[str] = "synthetic_scenes"
+
+
+@register
+class SyntheticKinds(SyntheticDataset):
+    """Synthetic kinds: 30 pseudo-word kinds (a silhouette and a marking) in random colours, no style."""
+
+    name: ClassVar[str] = "synthetic_kinds"
+
+
+@register
+class SyntheticKindsPixel(SyntheticDataset):
+    """Synthetic kinds in a pixelated style that pretraining rarely shows; its own base/new split."""
+
+    name: ClassVar[str] = "synthetic_kinds_pixel"
+
+
+@register
+class SyntheticKindsNoise(SyntheticDataset):
+    """Synthetic kinds under heavy pixel noise that pretraining rarely shows; its own base/new split."""
+
+    name: ClassVar[str] = "synthetic_kinds_noise"
+
+
+@register
+class SyntheticKindsFaded(SyntheticDataset):
+    """Synthetic kinds in a faded, low-contrast style that pretraining rarely shows; its own base/new split."""
+
+    name: ClassVar[str] = "synthetic_kinds_faded"
+
+
+@register
+class SyntheticKindsSpurious(SyntheticDataset):
+    """10 synthetic kinds, each always on its own scene at training and on another class's scene at test."""
+
+    name: ClassVar[str] = "synthetic_kinds_spurious"
