@@ -136,9 +136,11 @@ def generate_report(
     options: TableOptions | None = None,
     layout: Layout = "long",
     confusion: bool = True,
+    paper: bool = False,
 ) -> Report:
     """Read every run under the runs folder(s) and write report.md, the CSV tables and the plots to `out_dir`
-    (default: the first runs folder's `report/`)."""
+    (default: the first runs folder's `report/`). `paper`: a paper row and Δ columns in every table (long
+    layout; `promptclip.reports.paper`)."""
     roots = [Path(runs_dir)] if isinstance(runs_dir, str | Path) else [Path(p) for p in runs_dir]
     if not roots:
         raise ReportError("give at least one runs folder")
@@ -147,6 +149,8 @@ def generate_report(
             raise ReportError(f"{root} is not a folder; give the runs folder that `promptclip run` wrote")
     if layout not in LAYOUTS:
         raise ReportError(f"layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if paper and layout != "long":
+        raise ReportError("--paper adds rows to the long layout's tables; leave out --layout wide")
     out = Path(out_dir) if out_dir is not None else roots[0] / "report"
     collection = collect_runs(roots)
     index = ResultIndex(collection.runs)
@@ -156,6 +160,10 @@ def generate_report(
         where = ", ".join(str(root) for root in roots)
         raise ReportError(f"no usable results.json under {where}; finish a run with `promptclip run`{details}")
     tables = report_tables(index, options, layout)
+    if paper:
+        from promptclip.reports.paper import add_paper_rows
+
+        tables = add_paper_rows(tables)
     report = Report("", out, tables, problems)
     plot_paths: list[Path] = []
     confusion_paths: list[Path] = []
@@ -201,6 +209,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         default="long",
         help="long: one row per method and dataset (default); wide: the papers' layout, a column group per method",
     )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="add the published numbers (a paper row per method and dataset) and a Δ column (ours - paper) to "
+        "every table (long layout)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     parser.add_argument(
         "--no-confusion", action="store_true", help="draw no confusion-matrix PNGs (one per run otherwise)"
@@ -231,6 +245,7 @@ def run_report(args: argparse.Namespace) -> int:
             options,
             layout=args.layout,
             confusion=not args.no_confusion,
+            paper=args.paper,
         )
     except ReportError as err:
         raise CLIError(str(err)) from None
