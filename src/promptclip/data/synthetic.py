@@ -347,6 +347,7 @@ def _class_samples(
             shape = SHAPES[label]
         elif name in _KIND_TASK_DEFAULTS:
             shape = classnames[label]
+            colour = KINDS[shape].colour
         else:
             scene = SCENES[label]
         if shortcut[j]:
@@ -489,11 +490,9 @@ def sample_pretraining_specs(count: int, seed: int, *, kinds: bool = True) -> li
     for j in range(count):
         size = float(sizes[j])
         cx, cy = (size / 2 + (1.0 - size) * place[j]).tolist()
-        specs.append(
-            SceneSpec(
-                shape_pool[shapes[j]], colour_names[colours[j]], scene_pool[scenes[j]], size, cx, cy, int(seeds[j])
-            )
-        )
+        shape = shape_pool[shapes[j]]
+        colour = KINDS[shape].colour if shape in KINDS else colour_names[colours[j]]
+        specs.append(SceneSpec(shape, colour, scene_pool[scenes[j]], size, cx, cy, int(seeds[j])))
     return specs
 
 

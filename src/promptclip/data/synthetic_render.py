@@ -33,6 +33,7 @@ __all__ = [
     "SCENES",
     "SHAPES",
     "SIZE_RANGE",
+    "Kind",
     "SceneSpec",
     "check_image_size",
     "contact_sheet",
@@ -92,15 +93,31 @@ _KIND_NAMES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _assign_kinds() -> dict[str, tuple[str, str]]:
-    """Every (silhouette, marking) pair gets one name; a fixed shuffle keeps name order and looks apart."""
-    pairs = [(shape, marking) for marking in MARKINGS for shape in SHAPES]
-    order = np.random.default_rng(20261206).permutation(len(pairs))
-    return {name: pairs[int(i)] for name, i in zip(_KIND_NAMES, order, strict=True)}
+@dataclass(frozen=True)
+class Kind:
+    """What a kind looks like: its silhouette (one of SHAPES), its marking and its own colour."""
+
+    silhouette: str
+    marking: str
+    colour: str
 
 
-#: The 30 kinds of the world: pseudo-word name -> (silhouette from SHAPES, marking from MARKINGS).
-KINDS: dict[str, tuple[str, str]] = _assign_kinds()
+def _assign_kinds() -> dict[str, Kind]:
+    """Every (silhouette, marking) pair gets one name and a colour. Each colour is worn by three kinds with
+    three different silhouettes and markings, so telling two kinds of one colour apart is a fine-grained
+    task; a fixed shuffle keeps names apart from looks."""
+    colours = tuple(COLOURS)
+    kinds = [
+        Kind(shape, marking, colours[(s + 7 * m) % len(colours)])
+        for m, marking in enumerate(MARKINGS)
+        for s, shape in enumerate(SHAPES)
+    ]
+    order = np.random.default_rng(20261206).permutation(len(kinds))
+    return {name: kinds[int(i)] for name, i in zip(_KIND_NAMES, order, strict=True)}
+
+
+#: The 30 kinds of the world, by pseudo-word name.
+KINDS: dict[str, Kind] = _assign_kinds()
 
 #: Every value a spec's ``shape`` may take: the plain shapes, then the kinds.
 ALL_SHAPES: tuple[str, ...] = SHAPES + tuple(KINDS)
@@ -145,6 +162,10 @@ class SceneSpec:
         _check_name("shape", self.shape, ALL_SHAPES)
         _check_name("colour", self.colour, tuple(COLOURS))
         _check_name("scene", self.scene, ALL_SCENES)
+        if self.shape in KINDS and self.colour != KINDS[self.shape].colour:
+            raise ValueError(
+                f"SceneSpec: a {self.shape} is always {KINDS[self.shape].colour}, got colour {self.colour!r}"
+            )
         if not 0.05 <= self.size <= 1.0:
             raise ValueError(f"SceneSpec.size must be in [0.05, 1] (fraction of the image), got {self.size}")
         for name, value in (("cx", self.cx), ("cy", self.cy)):
@@ -443,9 +464,9 @@ _MARKING_TESTS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 def _silhouette_and_marking(shape: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inside mask of a shape or kind, and the pixels of its marking (empty for a plain shape)."""
     if shape in KINDS:
-        silhouette, marking = KINDS[shape]
-        inside = _SHAPE_TESTS[silhouette](x, y)
-        return inside, inside & _MARKING_TESTS[marking](x, y)
+        kind = KINDS[shape]
+        inside = _SHAPE_TESTS[kind.silhouette](x, y)
+        return inside, inside & _MARKING_TESTS[kind.marking](x, y)
     inside = _SHAPE_TESTS[shape](x, y)
     return inside, np.zeros_like(inside)
 

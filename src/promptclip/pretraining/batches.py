@@ -130,29 +130,36 @@ def _shape_twins(
     return twins
 
 
+def with_shape(spec: synthetic.SceneSpec, shape: str) -> synthetic.SceneSpec:
+    """`spec` with another shape or kind (a kind brings its own colour)."""
+    colour = synthetic.KINDS[shape].colour if shape in synthetic.KINDS else spec.colour
+    return dataclasses.replace(spec, shape=shape, colour=colour)
+
+
 def _kind_twins(
     specs: Sequence[synthetic.SceneSpec], count: int, rng: np.random.Generator
 ) -> list[synthetic.SceneSpec]:
     """Copies of the first `count` specs, each with another shape or kind.
 
-    Half the twins of a kind keep its silhouette and change the marking (or drop it), so that the marking,
-    not only the outline, must be seen to tell a kind apart."""
+    Half the twins of a kind keep its colour: another kind of that colour, or its silhouette without the
+    marking, so that outline and marking, not the colour, must be seen to tell kinds apart."""
     twins = []
     for spec in specs[:count]:
         siblings = _siblings(spec.shape)
         pool = siblings if siblings and rng.random() < 0.5 else [s for s in synthetic.ALL_SHAPES if s != spec.shape]
-        twins.append(dataclasses.replace(spec, shape=pool[int(rng.integers(len(pool)))]))
+        twins.append(with_shape(spec, pool[int(rng.integers(len(pool)))]))
     return twins
 
 
 @lru_cache(maxsize=64)
 def _siblings(shape: str) -> list[str]:
-    """The plain shape and the other kinds that share the silhouette of kind `shape` (empty for a shape)."""
+    """For kind `shape`: its silhouette without the marking, and the other kinds of its colour (empty for a
+    plain shape). A twin among these differs from the original only in outline and marking."""
     if shape not in synthetic.KINDS:
         return []
-    outline = synthetic.KINDS[shape][0]
-    kinds = [name for name, (other, _) in synthetic.KINDS.items() if other == outline and name != shape]
-    return [outline, *kinds]
+    own = synthetic.KINDS[shape]
+    mates = [name for name, kind in synthetic.KINDS.items() if kind.colour == own.colour and name != shape]
+    return [own.silhouette, *mates]
 
 
 def _batch_specs(cfg: PretrainConfig, step: int) -> list[synthetic.SceneSpec]:
