@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
+from official_files import write_dassl_file
 
 from promptclip.clip.model import CLIP
 from promptclip.methods.base import PromptModel
@@ -21,50 +21,11 @@ CLASSES = ["airplane", "blue whale", "house", "tree", "red sports car"]
 WIDTH = 64  # tiny-vit text width
 
 
-class ConstantWarmup(LRScheduler):
-    """Mirrors the original trainers' warm-up scheduler, whose state dict holds its successor object."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, successor: LRScheduler, cons_lr: float) -> None:
-        self.successor = successor
-        self.warmup_epoch = 1
-        self.cons_lr = cons_lr
-        super().__init__(optimizer)
-
-    def get_lr(self) -> list[float]:
-        return [self.cons_lr for _ in self.base_lrs]
-
-
 def class_buffers(count: int, n_ctx: int) -> dict[str, torch.Tensor]:
     return {
         "token_prefix": torch.randn(count, 1, WIDTH).half(),
         "token_suffix": torch.randn(count, 77 - 1 - n_ctx, WIDTH).half(),
     }
-
-
-def write_dassl_file(path: Path, state_dict: dict[str, torch.Tensor], epoch: int = 10, objects: bool = False) -> Path:
-    """A `model.pth.tar-N` as the original trainers write it; with `objects`, the scheduler entry pickles the
-    successor scheduler and the optimizer, as theirs does."""
-    params = [torch.nn.Parameter(t.clone()) for t in state_dict.values() if t.is_floating_point()]
-    optimizer = torch.optim.SGD(params, lr=0.002, momentum=0.9, weight_decay=5e-4)
-    warmup = ConstantWarmup(optimizer, CosineAnnealingLR(optimizer, float(epoch)), 1e-5)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    optimizer.step()
-    warmup.step()
-    scheduler: dict[str, Any] = {"last_epoch": epoch}
-    if objects:
-        scheduler = warmup.state_dict()
-        assert isinstance(scheduler["successor"], CosineAnnealingLR)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = {
-        "state_dict": state_dict,
-        "epoch": epoch,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler,
-        "val_result": None,
-    }
-    torch.save(content, path)
-    return path
 
 
 def coop_state(n_ctx: int = 4, classes: int | None = None) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from promptclip.errors import CLIError, user_error_message
 COMMAND_MODULES = (
     "promptclip.commands.train",
     "promptclip.commands.evaluate",
+    "promptclip.commands.import_prompt",
     "promptclip.commands.run",
     "promptclip.commands.predict",
     "promptclip.commands.listing",

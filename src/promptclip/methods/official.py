@@ -91,15 +91,18 @@ class OfficialPrompt:
         return self.state["ctx"].dim() == 3
 
 
-def find_checkpoint_file(path: str | Path, epoch: int | None = None) -> Path:
-    """The prompt file for `path`: the file itself, or in a run folder (or its `prompt_learner/`) the
-    `model.pth.tar-<epoch>` file, the last epoch by default."""
+def find_checkpoint_file(
+    path: str | Path, epoch: int | None = None, subfolders: Sequence[str] = ("prompt_learner",)
+) -> Path:
+    """The prompt file for `path`: the file itself, or in a run folder (or the first of its `subfolders` that
+    exists: the name the trainer registered its model under, e.g. `prompt_learner/`) the
+    `model.pth.tar-<epoch>` file, the last epoch by default, else `model-best.pth.tar`."""
     path = Path(path).expanduser()
     if path.is_file():
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such prompt file or run folder")
-    folder = path / "prompt_learner" if (path / "prompt_learner").is_dir() else path
+    folder = next((path / name for name in subfolders if (path / name).is_dir()), path)
     found = {int(m.group(1)): p for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))}
     if epoch is not None:
         if epoch not in found:
@@ -170,11 +173,23 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def read_official_prompt(
-    path: str | Path, method: OfficialMethod | None = None, epoch: int | None = None
-) -> OfficialPrompt:
-    """Read an original prompt file (or run folder): its method, tensors (fp32, our names) and epoch."""
-    file = find_checkpoint_file(path, epoch)
+@dataclass
+class OfficialState:
+    """The state dict of a file saved by the original trainers, as saved (official key names, `module.`
+    prefixes removed, dtypes kept)."""
+
+    file: Path
+    tensors: dict[str, torch.Tensor]
+    epoch: int | None
+
+
+def read_official_state(
+    path: str | Path, epoch: int | None = None, subfolders: Sequence[str] = ("prompt_learner",)
+) -> OfficialState:
+    """Read the state dict of an original trainer's file (or of its run folder, see `find_checkpoint_file`):
+    Dassl's `{"state_dict": ..., "epoch": ..., "optimizer": ..., "scheduler": ...}`, or a plain dict of
+    tensors, read without running any code (`read_weights_only`)."""
+    file = find_checkpoint_file(path, epoch, subfolders)
     content = read_weights_only(file)
     raw = content.get("state_dict", content) if isinstance(content, Mapping) else None
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -182,7 +197,17 @@ def read_official_prompt(
             f"{file}: expected a prompt checkpoint (a dict with 'state_dict' of tensors, as the original trainers "
             "save) or a plain dict of tensors"
         )
-    state = {_strip_parallel_prefix(str(k)): v for k, v in raw.items()}
+    tensors = {_strip_parallel_prefix(str(k)): v for k, v in raw.items()}
+    file_epoch = content.get("epoch") if "state_dict" in content else None
+    return OfficialState(file, tensors, int(file_epoch) if isinstance(file_epoch, int) else None)
+
+
+def read_official_prompt(
+    path: str | Path, method: OfficialMethod | None = None, epoch: int | None = None
+) -> OfficialPrompt:
+    """Read an original prompt file (or run folder): its method, tensors (fp32, our names) and epoch."""
+    official = read_official_state(path, epoch)
+    file, state = official.file, official.tensors
     found_method = infer_official_method(state, file)
     method = _check_method(method, found_method, file)
     state = {k: v.detach().float() for k, v in state.items() if k not in CLASS_BUFFERS}
@@ -195,8 +220,7 @@ def read_official_prompt(
             f"{file}: unexpected tensors {unexpected[:5]} for a {method} prompt; this reader knows CoOp, CoCoOp "
             "and KgCoOp prompt files (for other methods, train and save with promptclip)"
         )
-    file_epoch = content.get("epoch") if isinstance(content, Mapping) and "state_dict" in content else None
-    return OfficialPrompt(file, method, state, int(file_epoch) if isinstance(file_epoch, int) else None)
+    return OfficialPrompt(file, method, state, official.epoch)
 
 
 def _strip_parallel_prefix(key: str) -> str:

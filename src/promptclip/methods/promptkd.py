@@ -130,18 +130,12 @@ class PromptKD(PromptModel):
         self._teacher_text: dict[tuple[object, ...], torch.Tensor] = {}
 
     def _load_teacher(self, device: torch.device) -> PromptModel:
-        from promptclip.clip.weights import load_clip
         from promptclip.methods.zeroshot import ZeroShotCLIP, ZeroShotConfig
 
         cfg = self.cfg
-        if not cfg.teacher_arch:
-            teacher_clip = self.clip
-        elif cfg.teacher_weights == RANDOM_WEIGHTS:
-            with torch.random.fork_rng(devices=[]):  # the same random teacher every time (save/load round trips)
-                torch.manual_seed(0)
-                teacher_clip = load_clip(cfg.teacher_arch, weights=RANDOM_WEIGHTS, device=device)
-        else:
-            teacher_clip = load_clip(cfg.teacher_arch, weights=cfg.teacher_weights, device=device)
+        teacher_clip = (
+            load_teacher_clip(cfg.teacher_arch, cfg.teacher_weights, device) if cfg.teacher_arch else self.clip
+        )
         if cfg.teacher_prompt:
             return PromptModel.from_pretrained(teacher_clip, cfg.teacher_prompt, classnames=self.classnames)
         return ZeroShotCLIP(teacher_clip, self.classnames, ZeroShotConfig(), template=self.template)
@@ -199,6 +193,18 @@ class PromptKD(PromptModel):
         super().train(mode)
         self.teacher.eval()  # the teacher never switches to training behaviour
         return self
+
+
+def load_teacher_clip(arch: str, weights: str | None, device: torch.device | str = "cpu") -> CLIP:
+    """The teacher's CLIP (`teacher_arch`, `teacher_weights`). Random weights are drawn from seed 0 apart from
+    the global generators: the same random teacher comes back on every load (save/load round trips)."""
+    from promptclip.clip.weights import load_clip
+
+    if weights != RANDOM_WEIGHTS:
+        return load_clip(arch, weights=weights, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return load_clip(arch, weights=RANDOM_WEIGHTS, device=device)
 
 
 # The reference projector is `VPT_image_trans.conv1`, an nn.Sequential(Conv2d, BatchNorm2d, ReLU, Conv2d).
