@@ -47,18 +47,24 @@ def machine_description() -> str:
     )
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+def interleaved_medians(
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Median seconds of each function, timed in turns (a, b, a, b, ...) so that a change in machine load
-    during the run weighs on all of them alike."""
+    during the run weighs on all of them alike. `clock`: wall time by default; `time.process_time` counts the
+    process's CPU time, which other processes on a loaded machine do not inflate."""
     for function in functions.values():
         for _ in range(warmup):
             function()
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start = clock()
             function()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -16,15 +16,26 @@ mask of the true class (threshold 0.5) with the object's exact mask, and the tim
 
 `--write-doc` puts the table, with the command that made it, into the `dapt-compare` section of
 docs/dapt.md. Runs are kept in `--runs-dir` and skipped when finished, so an interrupted sweep resumes.
+
+`--views` measures instead the time of one MaPLe + DAPT-S training step (forward, loss, backward) with
+ViT-B/16's widths, patch size and context on random weights (`--view-layers` layers per tower, `--view-classes`
+classes, batch 4), on both phases of the official schedule and on the joint one, for promptclip's path and
+the naive ones of benchmarks/speed_paths.py: the stop-gradient views encoded with their graph, all views in one
+pass with the graph, and three passes with their graphs (the official code's). With `--write-doc` the table
+goes into the `dapt-views` section of docs/dapt.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import functools
 import json
 import shlex
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +52,7 @@ from _common import interleaved_medians, machine_description, write_section  # n
 DATASET = "synthetic_objects"
 DOC = REPO / "docs" / "dapt.md"
 SECTION = "dapt-compare"
+VIEWS_SECTION = "dapt-views"
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "dapt_compare"))
     parser.add_argument("--write-doc", action="store_true", help=f"put the table into {DOC.relative_to(REPO)}")
+    parser.add_argument("--views", action="store_true", help="time the step's view passes instead (see above)")
+    parser.add_argument("--view-layers", type=int, default=2, help="layers per tower of the --views backbone")
+    parser.add_argument("--view-classes", type=int, default=50)
+    parser.add_argument("--view-repeats", type=int, default=5, help="timed steps per path and phase")
     return parser.parse_args(argv)
 
 
@@ -271,12 +287,82 @@ def table(args: argparse.Namespace, names: list[str], seeds: list[int], depth: i
     return "\n".join(rows)
 
 
+# (DAPT settings, epoch) of each schedule phase, and the paths of one step.
+VIEW_PHASES = {
+    "official, pull-push epochs": ({}, 0),
+    "official, alignment epochs": ({}, 7),
+    "joint": ({"schedule": "joint"}, 0),
+}
+VIEW_PATHS = ("promptclip", "targets with a graph", "one pass with a graph", "three passes")
+
+
+def view_step(learner: Any, batch: dict[str, Any], path: str) -> None:
+    """One training step (forward, loss, backward) of `learner` through `path`."""
+    from speed_paths import dapt_one_graph_pass, dapt_targets_with_graph, dapt_three_passes
+
+    contexts = {"targets with a graph": dapt_targets_with_graph, "one pass with a graph": dapt_one_graph_pass}
+    with contexts[path](learner) if path in contexts else contextlib.nullcontext():
+        output = dapt_three_passes(learner, batch) if path == "three passes" else learner(batch)
+        loss = torch.stack([term.float() for term in learner.loss(batch, output).values()]).sum()
+    loss.backward()
+    learner.zero_grad(set_to_none=True)
+
+
+def view_table(args: argparse.Namespace) -> str:
+    """CPU milliseconds per step of each path and phase (timed in turns; CPU time, so that other processes on
+    a loaded machine do not count) and their ratios to promptclip's path."""
+    from methods import CASES, build_clip, build_learner, class_names, make_batch
+
+    from promptclip.runs.inputs import resolve_device
+
+    device = resolve_device(args.device)
+    clip = build_clip("ViT-B-16", args.view_layers, device)
+    case = next(c for c in CASES if c.name == "maple+dapt")
+    batch = make_batch(case, 4, args.view_classes, clip.image_size, device)
+    steps = {}
+    for phase, (settings, epoch) in VIEW_PHASES.items():
+        for path in VIEW_PATHS:
+            phase_case = dataclasses.replace(case, plugins={"dapt": settings})
+            learner = build_learner(phase_case, clip, class_names(args.view_classes), {}).train()
+            learner.on_epoch_start(epoch, 10)
+            steps[f"{phase}/{path}"] = functools.partial(view_step, learner, batch, path)
+    medians = interleaved_medians(steps, repeats=args.view_repeats, warmup=1, clock=time.process_time)
+    rows = ["| schedule phase | " + " | ".join(f"{path} (CPU ms)" for path in VIEW_PATHS) + " |", "|---" * 5 + "|"]
+    for phase in VIEW_PHASES:
+        ours = medians[f"{phase}/promptclip"]
+        cells = [f"{1000 * ours:.0f}"]
+        for path in VIEW_PATHS[1:]:
+            theirs = medians[f"{phase}/{path}"]
+            cells.append(f"{1000 * theirs:.0f} (**{theirs / ours:.2f}x**)")
+        rows.append(f"| {phase} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def views_main(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    body = view_table(args)
+    command = "python benchmarks/dapt_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    section = (
+        f"Measured with `{command.strip()}` on {machine_description()}.\n"
+        f"MaPLe (depth {args.view_layers}) + DAPT-S, ViT-B/16 widths with {args.view_layers} layers per tower, random "
+        f"weights, {args.view_classes} classes, batch 4, 224 px; median CPU time of {args.view_repeats} steps "
+        "per cell, timed in turns; in brackets the time over promptclip's.\n\n"
+        f"{body}\n"
+    )
+    print(section)
+    if args.write_doc:
+        write_section(VIEWS_SECTION, section, path=DOC)
+        print(f"written to the {VIEWS_SECTION} section of {DOC}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from promptclip.clip.weights import load_clip
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.views:
+        views_main(args, argv)
+        return
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:

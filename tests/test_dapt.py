@@ -560,7 +560,7 @@ def test_recipes_carry_the_official_dapt_settings(recipe: Path) -> None:
     assert cfg.plugin_names == ["dapt"]
     dapt = cfg.plugins["dapt"]
     assert (dapt.pull_push_weight, dapt.foreground_weight, dapt.background_weight, dapt.margin) == (0.8, 0.1, 0.5, 1.5)
-    assert (dapt.schedule, dapt.switch_epoch) == ("official", 7)
+    assert (dapt.schedule, dapt.switch_epoch, dapt.compat) == ("official", 7, "default")
     assert dapt.background_classes == list(BACKGROUND_CLASSES)
     assert cfg.optim.warmup_epochs == 1 and cfg.optim.warmup_lr == 1e-5
     if cfg.method_name == "maple":
@@ -712,13 +712,18 @@ def test_foreground_and_background_logits_are_fp32_under_autocast(make, method: 
     learner = make(method, schedule="joint", compat="released" if method == "maple" else "default")
     batch = make_batch()
     calls: dict[str, tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
-    for name in ("foreground_logits", "background_logits"):
 
-        def record(*args: torch.Tensor, name: str = name, original: Any = getattr(learner, name)) -> torch.Tensor:
+    def recorder(name: str) -> Callable[..., torch.Tensor]:
+        original = getattr(learner, name)
+
+        def record(*args: torch.Tensor) -> torch.Tensor:
             calls[name] = (args, original(*args))
             return calls[name][1]
 
-        setattr(learner, name, record)
+        return record
+
+    for name in ("foreground_logits", "background_logits"):
+        setattr(learner, name, recorder(name))  # an instance attribute shadows the method
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = learner(batch)
         learner.loss(batch, output)

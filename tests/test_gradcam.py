@@ -13,7 +13,15 @@ from PIL import Image
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import load_clip, save_clip
 from promptclip.methods.base import PromptModel, get_prompt_model
-from promptclip.plugins.gradcam import gradcam, gradcam_grid, gradcam_layer, gradcam_masks, heat_to_mask
+from promptclip.plugins.gradcam import (
+    RELEASED_STYLE,
+    gradcam,
+    gradcam_grid,
+    gradcam_layer,
+    gradcam_masks,
+    heat_to_mask,
+    upsample_cam,
+)
 
 NAMES = ["cat", "dog", "car"]
 PATCH = 8  # tiny-vit: 32 px, 8 px patches, a 4 x 4 grid
@@ -60,6 +68,20 @@ def test_heat_is_normalised_per_image_and_masks_are_binary(tiny_clips) -> None:
     masks = gradcam_masks(learner, images, torch.tensor([0, 1, 2]), threshold=0.5)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(masks, (heat >= 0.5).float())
+
+
+def test_the_released_style_divides_by_the_batch_maximum_and_pins_the_grid_to_the_corners() -> None:
+    cam = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1  # cells in [0.1, 1.1)
+    cam[1, 0, 0] = 10.0  # the batch's peak, on a corner cell: every map is divided by it
+    heat = upsample_cam(cam, (32, 32), RELEASED_STYLE) * (10.0 + 1e-6)
+    torch.testing.assert_close(heat[:, 0, 0, 0], cam[:, 0, 0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(heat[:, 0, -1, -1], cam[:, -1, -1], rtol=1e-6, atol=0)
+    # align_corners=True: pixel j of 32 reads the 4-cell grid at j * 3 / 31.
+    torch.testing.assert_close(heat[:, 0, 0, 1], cam[:, 0, 0] * 28 / 31 + cam[:, 0, 1] * 3 / 31, rtol=1e-5, atol=0)
+    # The default: each map over its own peak, grid values at the patch centres (pixel 1 is the first cell's).
+    default = upsample_cam(cam, (32, 32))
+    torch.testing.assert_close(default.amax(dim=(1, 2, 3)), torch.ones(3), rtol=0, atol=1e-5)
+    assert torch.equal(default[:, 0, 0, 1], default[:, 0, 0, 0])
 
 
 def test_the_score_is_the_given_class_and_defaults_to_the_prediction(tiny_clips) -> None:
