@@ -179,6 +179,12 @@ _CAPTION_TEMPLATES: tuple[str, ...] = (
     "a rendering of a {colour} {shape}: {size}, {position}, {scene}.",
 )
 
+# A kind's colour is part of what its name means (a flamingo is pink), so its captions never say the colour:
+# the name alone has to carry it, as a class name in a prompt does.
+_KIND_CAPTION_TEMPLATES: tuple[str, ...] = tuple(
+    pattern.replace("{colour} ", "").replace(" in {colour},", ",") for pattern in _CAPTION_TEMPLATES
+)
+
 _POSITION_PHRASES: dict[tuple[str, str], str] = {
     ("top", "left"): "in the top left",
     ("top", "centre"): "at the top",
@@ -216,14 +222,16 @@ def caption_scene_phrase(scene: str, synonym: int) -> str:
 
 
 def caption(spec: SceneSpec, variant: int = 0) -> str:
-    """A caption naming the colour, the shape and the scene, and in most variants the size and position.
+    """A caption naming the colour, the shape and the scene, and in most variants the size and position (a
+    kind's caption names the kind, whose colour is its own, without the colour word).
 
     ``variant`` (any non-negative integer) chooses the sentence pattern and the synonyms, so a training
     loop can draw varied captions for the same image; the same variant always gives the same text.
     """
     if variant < 0:
         raise ValueError(f"caption variant must be a non-negative integer, got {variant}")
-    pattern = _CAPTION_TEMPLATES[variant % len(_CAPTION_TEMPLATES)]
+    patterns = _KIND_CAPTION_TEMPLATES if spec.shape in KINDS else _CAPTION_TEMPLATES
+    pattern = patterns[variant % len(patterns)]
     synonym = (variant // len(_CAPTION_TEMPLATES)) % 2
     sizes = _SIZE_WORDS[size_word(spec.size)]
     scene_phrase = caption_scene_phrase(spec.scene, synonym)

@@ -178,6 +178,8 @@ _CROP_PATTERNS: tuple[str, ...] = (
 
 def _crop_caption(spec: synthetic.SceneSpec, variant: int) -> str:
     pattern = _CROP_PATTERNS[variant % len(_CROP_PATTERNS)]
+    if spec.shape in synthetic.KINDS:  # as in the world's captions, a kind's name carries its colour
+        pattern = pattern.replace("{colour} ", "")
     scene = synthetic.caption_scene_phrase(spec.scene, variant // len(_CROP_PATTERNS))
     return _with_articles(pattern.format(colour=spec.colour, shape=spec.shape, scene=scene))
 
