@@ -43,6 +43,10 @@ class Case:
     cfg: dict[str, Any] = field(default_factory=dict)
     transfers: bool = True
     """Can switch to another class set (false for class-specific context)."""
+    class_head: bool = False
+    """Has a head with one row per training class (DePT): its logits fuse the scaled cosine (`backbone_logits`)
+    with the head's, and a learner built for another class set has another head shape, so the class-switch
+    check builds it for the training classes and then switches."""
     arch: str = "tiny-vit"
     plugins: dict[str, Any] = field(default_factory=dict)
     """Plug-in name -> config, wrapped around the method in order (`method` is then e.g. "coop+dapt")."""
@@ -89,6 +93,11 @@ CASES = [
     Case("maple+dpc", "maple+dpc", {"depth": 2}, plugins=DPC_K3, build=dpc_builder("maple", {"depth": 2})),
     Case("src+dpc", "promptsrc+dpc", SRC_2, plugins=DPC_K3, build=dpc_builder("promptsrc", SRC_2)),
     Case("kd+dpc", "promptkd+dpc", KD_2, plugins=DPC_K3, build=dpc_builder("promptkd", KD_2)),
+    Case("coop+dept", "coop+dept", {"n_ctx": 4}, plugins={"dept": {}}, class_head=True),
+    Case("cocoop+dept", "cocoop+dept", {"text_chunk_size": 7}, plugins={"dept": {}}, class_head=True),
+    Case("maple+dept", "maple+dept", {"depth": 2}, plugins={"dept": {}}, class_head=True),
+    Case("src+dept", "promptsrc+dept", SRC_2, plugins={"dept": {"ce_weight": 0.6}}, class_head=True),
+    Case("kd+dept", "promptkd+dept", KD_2, plugins={"dept": {}}, class_head=True),
 ]
 IDS = [case.name for case in CASES]
 
@@ -198,7 +207,8 @@ def test_output_shapes_and_logits(build, case: Case) -> None:
         expected = learner.logit_scale * torch.einsum("bd,bcd->bc", out.image_features, out.text_features)
     else:
         expected = learner.logit_scale * out.image_features @ out.text_features.t()
-    assert torch.allclose(out.logits, expected, atol=1e-5)
+    cosine = out.backbone_logits if case.class_head else out.logits  # type: ignore[attr-defined]
+    assert torch.allclose(cosine, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -269,8 +279,10 @@ def test_switching_the_class_set(build, case: Case) -> None:
     switched = eval_logits(learner, batch)
     assert switched.shape == (BATCH, len(OTHER_CLASSES))
     # Same learned tensors, built directly for the other classes: the same logits.
-    fresh = build(case, classnames=OTHER_CLASSES, seed=99)
+    fresh = build(case, classnames=CLASSES if case.class_head else OTHER_CLASSES, seed=99)
     fresh.load_trainable_state(learner.trainable_state())
+    if case.class_head:
+        fresh.set_classnames(OTHER_CLASSES)
     assert torch.allclose(eval_logits(fresh, batch), switched, atol=1e-6)
     # And back: the original class set gives its own logits again.
     learner.set_classnames(CLASSES)

@@ -250,3 +250,89 @@ def test_no_cycles_between_promptclip_packages() -> None:
     for start in sorted(edges):
         visit(start, [start])
     assert not cycles, sorted(set(cycles))[:10]
+
+
+# -- DePT's claims on every learner of the contract ----------------------------------------------------------------
+DEPT_CLASSES = ["cat", "golden retriever", "red sports car", "tree"]
+DEPT_OTHER = ["airplane", "blue whale", "house"]
+# Each registered learner trained by the engine, small enough for the tiny CLIP.
+DEPT_LEARNERS: dict[str, dict[str, Any]] = {
+    "zeroshot": {},
+    "coop": {"n_ctx": 2},
+    "cocoop": {"text_chunk_size": 7},
+    "kgcoop": {},
+    "maple": {"depth": 2},
+    "ivlp": {"depth_text": 2, "depth_vision": 2},
+    "vpt": {"n_ctx": 2, "depth": 2},
+    "deep_lang": {"depth": 2},
+    "promptsrc": {"depth_text": 2, "depth_vision": 2},
+    "promptkd": {"depth_vision": 2, "teacher_arch": ""},
+}
+
+
+def dept_over(method: str, clip: Any, weight: float = 0.7) -> tuple[Any, dict[str, Any]]:
+    """DePT over `method` (seeded), after one SGD step so that its head and the prompts have moved, and a batch."""
+    from promptclip.factory import get_prompt_model
+    from promptclip.plugins.dept import DePT, DePTConfig
+
+    torch.manual_seed(0)
+    inner = get_prompt_model(clip, {"method": method, **DEPT_LEARNERS[method]}, DEPT_CLASSES)
+    learner = DePT(inner, DePTConfig(weight=weight))
+    generator = torch.Generator().manual_seed(1)
+    batch = {
+        "image": torch.randn(3, 3, clip.image_size, clip.image_size, generator=generator),
+        "label": torch.tensor([0, 3, 1]),
+    }
+    optimizer = torch.optim.SGD(learner.trainable_parameters().values(), lr=0.5)
+    learner.train()
+    sum(learner.loss(batch, learner(batch)).values()).backward()  # type: ignore[union-attr]
+    optimizer.step()
+    optimizer.zero_grad()
+    return learner, batch
+
+
+def test_dept_covers_every_learner_the_engine_trains() -> None:
+    from promptclip.registry import METHODS
+
+    trained = {name for name, cls in METHODS.items() if not getattr(cls, "fits_on_features", False)}
+    assert trained == set(DEPT_LEARNERS), sorted(trained ^ set(DEPT_LEARNERS))
+
+
+@pytest.mark.parametrize("method", sorted(DEPT_LEARNERS))
+def test_dept_with_its_head_off_predicts_exactly_as_the_learner(tiny_clip, method: str) -> None:
+    """New classes (and any class set the head has no rows for) get the wrapped learner's logits, bitwise."""
+    learner, batch = dept_over(method, tiny_clip)
+    learner.eval()
+    with torch.no_grad():
+        fused = learner(batch).logits
+        learner.set_eval_subset("new")  # the training classes evaluated as "new": the head is off
+        assert torch.equal(learner(batch).logits, learner.inner(batch).logits)
+        assert not torch.equal(fused, learner(batch).logits)  # the head did change the base prediction
+        learner.set_eval_subset("base")
+        learner.set_classnames(DEPT_OTHER)  # no head rows for these classes
+        assert torch.equal(learner(batch).logits, learner.inner(batch).logits)
+        learner.set_eval_subset("new")
+        assert torch.equal(learner(batch).logits, learner.inner(batch).logits)
+
+
+@pytest.mark.parametrize("method", sorted(DEPT_LEARNERS))
+def test_dept_fuses_its_head_on_the_training_classes_and_trains_it_with_the_prompts(tiny_clip, method: str) -> None:
+    learner, batch = dept_over(method, tiny_clip, weight=0.6)
+    learner.eval()
+    with torch.no_grad():
+        output = learner(batch)
+        own = learner.inner(batch).logits
+        head = learner.head.image_logits(output.image_features)
+    assert output.logits.shape == head.shape == (3, len(DEPT_CLASSES))
+    # The same fp32 products in the same order as the plug-in: equal to rounding of the last operation.
+    assert torch.allclose(output.logits, 0.4 * own + 0.6 * head, rtol=1e-6, atol=1e-6)
+    assert torch.equal(output.backbone_logits, own)
+    learner.train()
+    terms = learner.loss(batch, learner(batch))
+    prompts = [p for p in learner.inner.trainable_parameters().values()]
+    head_params = list(learner.head.parameters())
+    grads = torch.autograd.grad(terms["cat"], head_params + prompts, allow_unused=True)
+    head_grads, prompt_grads = grads[: len(head_params)], grads[len(head_params) :]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in head_grads)
+    if prompts:  # the head's loss reaches the prompts too: both are tuned together
+        assert any(g is not None and g.abs().sum() > 0 for g in prompt_grads)

@@ -4,6 +4,8 @@ What is drawn is computed first, without matplotlib (`bar_panels`, `curve_panels
 it can be checked as data: every bar and point carries its seed error bar (the table's spread over seeds), and
 every panel its reference lines: chance (100 / number of classes of that evaluation) and zero-shot (the
 `zeroshot` method's value, when the results hold it; it is drawn as a line, not as a bar or curve).
+Base-to-novel results that stack plug-ins on a method (coop, coop+dept, coop+dpc) also get the plug-in
+comparison (`plugin_panels`): a panel per method, a group of Base/New/HM bars per series.
 
 matplotlib is an optional dependency (`pip install promptclip[report]`), imported only here and only when a
 plot is drawn. Figures are drawn on the Agg canvas directly, without pyplot, so the process-wide backend of an
@@ -165,6 +167,31 @@ def bar_panels(table: Table) -> list[BarPanel]:
     return panels
 
 
+def plugin_panels(table: Table) -> list[BarPanel]:
+    """Base-to-novel with plug-ins: a panel per wrapped method that has series with plug-ins (coop: coop,
+    coop+dept, coop+dpc), in it a group per series with its Base, New and HM bars, from the average over
+    datasets (or the one dataset's row). Empty when no series stacks a plug-in."""
+    rows = [row for row in table.rows if row.average] or [row for row in table.rows if row.method != ZEROSHOT]
+    if len({row.dataset for row in rows}) > 1:
+        return []  # several datasets without average rows: no single value per series
+    by_method: dict[str, list[TableRow]] = {}
+    for row in rows:
+        by_method.setdefault(row.method.split("+")[0], []).append(row)
+    panels = []
+    for method, members in by_method.items():
+        if not any("+" in row.method for row in members):
+            continue
+        panels.append(BarPanel(method, tuple(BarGroup(row.series, _column_bars(table, row), ()) for row in members)))
+    return panels
+
+
+def _column_bars(table: Table, row: TableRow) -> tuple[Bar, ...]:
+    """A bar per column of `row` (Base, New, HM), named by the column."""
+    return tuple(
+        Bar(column, cell.mean, cell.spread or 0.0) for column, cell in zip(table.columns, row.cells, strict=True)
+    )
+
+
 def curve_panels(table: Table) -> list[CurvePanel]:
     """Few-shot or data-efficient (a long table): one panel per dataset (the Average first), a line per series
     (and per selector) against shots or ratio, with seed error bars and the chance and zero-shot lines."""
@@ -282,6 +309,30 @@ def draw_bars(panels: Sequence[BarPanel], title: str, path: Path) -> Path:
     return _save(figure, path)
 
 
+def draw_plugin_bars(panels: Sequence[BarPanel], title: str, path: Path) -> Path:
+    """The plug-in comparison: the panels side by side, a group of bars (Base, New, HM) per series."""
+    figure = _figure(max(6.0, sum(1.4 * len(panel.groups) + 1.0 for panel in panels)), 3.6)
+    for n, panel in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), n + 1)
+        count = len(panel.groups[0].bars) if panel.groups else 0
+        width = 0.8 / max(count, 1)
+        for b in range(count):
+            bars = [group.bars[b] for group in panel.groups]
+            positions = [i + (b - (count - 1) / 2) * width for i in range(len(panel.groups))]
+            axes.bar(positions, [bar.value or 0.0 for bar in bars], width=width, yerr=[bar.error for bar in bars],
+                     capsize=2, label=bars[0].series)  # fmt: skip
+        axes.set_xticks(range(len(panel.groups)))
+        axes.set_xticklabels([group.label for group in panel.groups], rotation=20, ha="right")
+        axes.set_title(panel.title)
+        axes.set_ylabel("accuracy (%)" if n == 0 else "")
+        axes.grid(True, axis="y", alpha=0.3)
+    if figure.axes:
+        figure.axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _curve_axes(axes: Any, panel: CurvePanel) -> None:
     shown: dict[str, int] = {}
     xs = sorted({x for line in panel.lines for x in line.x})
@@ -351,6 +402,10 @@ def write_plots(tables: Sequence[Table], out_dir: str | Path) -> list[Path]:
             continue
         if table.kind == "base2new":
             paths.append(draw_bars(bar_panels(table), table.title, out_dir / f"{table.name}.png"))
+            plugins = plugin_panels(table)
+            if plugins:
+                title = f"{table.title}: methods with their plug-ins"
+                paths.append(draw_plugin_bars(plugins, title, out_dir / f"{table.name}_plugins.png"))
         elif table.kind in ("few_shot", "data_efficient") and table.x_values:
             panels = curve_panels(table)
             paths.append(draw_curves(panels, out_dir / f"{table.kind}_curves.png"))
