@@ -21,6 +21,8 @@ from promptclip.data.datasets.base import (
     register,
 )
 
+_RENDER_CACHE_IMAGES = 20_000  # about 250 MB at 64 px; the cache starts afresh when full
+
 
 @dataclass
 class SyntheticRenderer:
@@ -36,13 +38,22 @@ class SyntheticRenderer:
         except (ValueError, IndexError):
             raise DatasetError(f"{datum.path!r} is not an image id of {self.task.name}") from None
 
+    def __post_init__(self) -> None:
+        self._rendered: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _render(self, datum: Datum) -> tuple[np.ndarray, np.ndarray]:
+        """The image and mask of `datum`, rendered once: every epoch would otherwise draw them again."""
+        if datum.path not in self._rendered:
+            if len(self._rendered) >= _RENDER_CACHE_IMAGES:
+                self._rendered.clear()
+            self._rendered[datum.path] = self.task.render_sample(self._sample(datum))
+        return self._rendered[datum.path]
+
     def load_image(self, datum: Datum) -> Image.Image:
-        image, _ = self.task.render_sample(self._sample(datum))
-        return Image.fromarray(image, mode="RGB")
+        return Image.fromarray(self._render(datum)[0], mode="RGB")
 
     def load(self, datum: Datum) -> Image.Image:
-        _, mask = synthetic.render(self._sample(datum).spec, self.task.image_size)
-        return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+        return Image.fromarray(np.where(self._render(datum)[1], 255, 0).astype(np.uint8), mode="L")
 
     def missing(self, data: Sequence[Datum]) -> list[Datum]:
         return []
