@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from dpc_cases import dpc_builder, picture_splits, stage1_learner
+from torch import nn
 
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import arch_config
@@ -19,8 +20,10 @@ from promptclip.config import ConfigError, build_run_config
 from promptclip.engine.evaluate import evaluate
 from promptclip.factory import run_needs
 from promptclip.methods.base import PromptModel
+from promptclip.methods.ivlp import initial_text_context
 from promptclip.plugins.base import PluginContext, PluginModel
 from promptclip.plugins.dpc import DPC, DPCConfig
+from promptclip.plugins.hard_negatives import RenderedPictures, symmetric_contrastive_loss
 
 CLASSES = ["cat", "dog", "car", "tree", "boat"]
 OTHER = ["plane", "house", "fish"]
@@ -181,8 +184,8 @@ def test_negatives_never_include_a_ground_truth_class_of_the_batch(clip, monkeyp
     dpc = build_dpc(clip, "coop", top_k=4, min_negatives=2)
     library = dpc.picture_library()
     seen: list[list[int]] = []
-    draw = library.draw
-    monkeypatch.setattr(library, "draw", lambda classes, generator=None: seen.append(list(classes)) or draw(classes))
+    requests = library.requests
+    monkeypatch.setattr(library, "requests", lambda classes, g=None: seen.append(list(classes)) or requests(classes, g))
     dpc.train()
     for seed in range(6):
         labels = [seed % 5, seed % 5, (seed + 1) % 5]  # a repeated class among the anchors
@@ -203,8 +206,60 @@ def test_the_frozen_stage1_model_ranks_with_class_features_encoded_once(clip) ->
     assert torch.equal(dpc.stage1_scores(batch["image"]), before)
     stage1 = build_stage1(clip, "maple")
     with torch.no_grad():
-        expected = stage1.image_features(batch["image"]) @ stage1.encode_classnames(CLASSES).t()
-    assert torch.allclose(before, expected, atol=1e-6)
+        scale = stage1.logit_scale
+        expected = scale * stage1.image_features(batch["image"]) @ stage1.encode_classnames(CLASSES).t()
+    assert torch.allclose(before, expected, atol=1e-6 * float(scale))  # cosines to 1e-6, scaled
+
+
+def test_a_batchnorm_learner_encodes_anchors_and_negatives_as_one_batch(clip, monkeypatch) -> None:
+    """PromptKD's projector (BatchNorm) sees the B' images of a step as one batch and updates its statistics
+    once, as the official code does: the step equals stage 1 run once on the concatenated images."""
+    dpc = build_dpc(clip, "promptkd", omega_b=1.0)  # P' = P exactly at the start: the step is stage 1's
+    drawn: list[RenderedPictures] = []
+    draw = dpc.draw_negatives
+    monkeypatch.setattr(dpc, "draw_negatives", lambda scores, labels: drawn.append(draw(scores, labels)) or drawn[-1])
+    sizes: list[int] = []
+    dpc.inner.projector.bn.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    batch = make_batch([0, 1, 3])
+    dpc.train()
+    loss = dpc.loss(batch, dpc(batch))["dpc"]
+    loss.backward()
+    negatives = drawn[0]
+    assert len(negatives) >= 2
+    assert sizes == [3 + len(negatives)], "the anchors and the negatives went through BatchNorm separately"
+    assert int(dpc.tuned_buffers.get_buffer("projector__bn__num_batches_tracked")) == 1
+
+    reference = build_stage1(clip, "promptkd").train()
+    images = torch.cat([batch["image"], negatives.images()])
+    labels = torch.cat([batch["label"], negatives.labels])
+    features = reference.image_features(images)
+    expected = symmetric_contrastive_loss(features, reference.text_features()[labels], labels, reference.logit_scale)
+    expected.backward()
+    # The same operations on the same tensors: equal up to the last bit or so.
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    for name, tensor in reference.trainable_parameters().items():
+        grad = dpc.tuned[name.replace(".", "__")].grad
+        torch.testing.assert_close(grad, tensor.grad, rtol=1e-5, atol=1e-7 * float(tensor.grad.abs().max()), msg=name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        tuned = dpc.tuned_buffers.get_buffer(f"projector__bn__{name}")
+        torch.testing.assert_close(tuned, reference.projector.bn.get_buffer(name), rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backbone", ["coop", "maple"])
+def test_ranking_scores_and_pair_logits_are_fp32_under_autocast(clip, backbone: str) -> None:
+    """Autocast (bf16 on this CPU, as on a GPU) lowers the towers, not the logits: the ranking scores are
+    the fp32 product of the features, and the loss and the anchors' logits are fp32."""
+    dpc = build_dpc(clip, backbone)
+    batch = make_batch([0, 1, 3])
+    features = dpc.inner.image_features(batch["image"]).detach()
+    dpc.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = dpc.ranking_scores(features)
+        output = dpc(batch)
+        loss = dpc.loss(batch, output)["dpc"]
+    assert scores.dtype == output.logits.dtype == loss.dtype == torch.float32
+    assert torch.equal(scores, dpc.ranking_scores(features))
+    assert torch.isfinite(loss)
 
 
 def test_backbone_losses_can_run_beside_the_contrastive_loss(clip) -> None:
@@ -223,6 +278,126 @@ def test_the_full_library_needs_the_full_training_split(clip) -> None:
         dpc.loss(batch, dpc(batch))
     dpc.context.full_splits = picture_splits(CLASSES, per_class=5)
     assert len(dpc.picture_library()) == 25
+
+
+# -- compat: released --------------------------------------------------------------------------------------------
+
+
+def sgd(learner: PromptModel, lr: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(list(learner.trainable_parameters().values()), lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def sgd_step(learner: PromptModel, optimizer: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+    optimizer.zero_grad()
+    sum(learner.loss(batch, learner(batch)).values()).backward()  # type: ignore[union-attr]
+    optimizer.step()
+
+
+def test_compat_released_reproduces_a_hand_written_aliased_sgd_step(clip) -> None:
+    """The released code wraps P in nn.Parameter without a copy, so every SGD step moves P with theta. The
+    same steps written by hand with that shared storage (and the same loss) give the same trajectory."""
+    omega_b, lr, weight_decay = 0.3, 0.05, 5e-4
+    released = build_dpc(clip, "coop", omega_b=omega_b, compat="released")
+    reference = build_dpc(clip, "coop", omega_b=omega_b)  # only its prompt is replaced by the aliased one
+    pretuned = reference.stage1_tensors()["ctx"].detach().clone()
+    theta = nn.Parameter(pretuned)  # shares pretuned's storage, as in the released PromptLearner
+    assert theta.data_ptr() == pretuned.data_ptr()
+    aliased = lambda: {"ctx": (theta - (1 - omega_b) * pretuned) * (1 / omega_b)}  # noqa: E731
+    reference.base_tensors = aliased  # type: ignore[method-assign]
+    optimizer = sgd(released, lr, weight_decay)
+    reference_optimizer = torch.optim.SGD([theta], lr, momentum=0.9, weight_decay=weight_decay)
+    released.train()
+    reference.train()
+    for step in range(3):
+        batch = make_batch([0, 1, 3], seed=20 + step)
+        sgd_step(released, optimizer, batch)
+        sgd_step(reference, reference_optimizer, batch)
+        assert torch.equal(released.tuned["ctx"], theta), f"step {step + 1}"
+    assert torch.equal(pretuned, theta)  # P moved with theta: P' is theta
+    stage1 = build_stage1(clip, "coop").get_parameter("ctx")
+    assert torch.equal(released.stage1_tensors()["ctx"], stage1)  # new classes still mix with the real P
+
+
+def test_compat_released_trains_as_omega_b_one_at_lr_over_omega_b_and_weight_decay_times_omega_b(clip) -> None:
+    omega_b, lr, weight_decay = 0.5, 0.05, 5e-2
+    released = build_dpc(clip, "coop", omega_b=omega_b, compat="released")
+    plain = build_dpc(clip, "coop", omega_b=1.0)
+    optimizers = [sgd(released, lr, weight_decay), sgd(plain, lr / omega_b, weight_decay * omega_b)]
+    for learner in (released, plain):
+        learner.train()
+    for step in range(3):
+        batch = make_batch([0, 1, 3], seed=30 + step)
+        for learner, optimizer in zip((released, plain), optimizers, strict=True):
+            sgd_step(learner, optimizer, batch)
+    moved = (plain.tuned["ctx"] - plain.stage1_tensors()["ctx"]).abs().max()
+    assert moved > 1e-3
+    # omega_b = 0.5 makes every scaling exact; what remains is the rounding of the default formula's
+    # P + (theta - P) at omega_b = 1 (one ulp of the prompt per step, carried through three steps).
+    torch.testing.assert_close(released.tuned["ctx"], plain.tuned["ctx"], rtol=1e-5, atol=1e-6)
+    default = build_dpc(clip, "coop", omega_b=omega_b)
+    optimizer = sgd(default, lr, weight_decay)
+    default.train()
+    for step in range(3):
+        sgd_step(default, optimizer, make_batch([0, 1, 3], seed=30 + step))
+    assert not torch.allclose(default.tuned["ctx"], released.tuned["ctx"], rtol=1e-3, atol=1e-5)
+
+
+def test_compat_released_promptkd_ranks_with_the_untuned_teacher_context(clip, tmp_path: Path) -> None:
+    """In the released PromptKD+DPC only the text context is aliased, and the sampler's layer-0 text context
+    is the untuned embedding of the teacher's initial words."""
+    teacher = stage1_learner(clip, CLASSES, TEMPLATE, "promptsrc", {"depth_text": 2, "depth_vision": 2})
+    teacher.save_pretrained(tmp_path / "teacher")
+    kd: Backbone = ("promptkd", {"depth_vision": 2, "teacher_arch": "", "teacher_prompt": str(tmp_path / "teacher")})
+    text_branch = {"also_tune": ["teacher.text.*"], "reparametrize": ["teacher.text.ctx"]}
+    released = build_dpc(clip, kd, compat="released", **text_branch)
+    plain = build_dpc(clip, kd, **text_branch)
+    untuned = PromptModel.from_pretrained(clip, tmp_path / "teacher")
+    with torch.no_grad():
+        tuned_features = untuned.encode_classnames(CLASSES)
+        untuned.get_parameter("text.ctx").copy_(initial_text_context(clip, 4, "a photo of a"))
+        untuned_features = untuned.encode_classnames(CLASSES)
+    assert not torch.allclose(tuned_features, untuned_features, atol=1e-4)
+    torch.testing.assert_close(released.stage1_class_features(), untuned_features, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain.stage1_class_features(), tuned_features, rtol=0, atol=1e-6)
+    tensors = released.tuned_tensors()
+    for name in released.tuned_names:  # only the text context runs the aliased formula; the rest as stored
+        stored = released.tuned[name.replace(".", "__")]
+        expected = (stored - 0.8 * stored) * (1 / 0.2) if name == "teacher.text.ctx" else stored
+        assert torch.equal(tensors[name], expected), name
+
+
+def test_compat_and_new_mix_values_are_checked(clip) -> None:
+    with pytest.raises(
+        ConfigError, match=r"plugins\.dpc\.compat: 'official' is not allowed; choose one of none, released"
+    ):
+        build_dpc(clip, "coop", compat="official")
+    with pytest.raises(ConfigError, match=r"plugins\.dpc\.compat: released .* weighting 'mixed'"):
+        build_dpc(clip, "coop", compat="released", weighting="mixed")
+    with pytest.raises(ConfigError, match=r"plugins\.dpc\.compat.*'official'.*released"):
+        run_config(compat="official")
+    with pytest.raises(ConfigError, match=r"plugins\.dpc\.new_mix: 'vision\.\*' matches no tuned tensor of coop"):
+        build_dpc(clip, "coop", new_mix=["vision.*"])
+
+
+def test_new_mix_keeps_the_other_tensors_at_stage1_on_new_classes(clip) -> None:
+    """The official PromptKD+DPC mixes only the student's prompts for new classes and restores the projector
+    (weights and BatchNorm statistics) of stage 1: `new_mix: [vision.*]`."""
+    dpc = build_dpc(clip, "promptkd", omega_b=0.5, omega_n=0.5, new_mix=["vision.*"])
+    train_steps(dpc)
+    stage1, tuned, new = dpc.stage1_tensors(), dpc.tuned_tensors(), dpc.new_tensors()
+    assert {n for n in new if n.startswith("projector.")} and {n for n in new if n.startswith("vision.")}
+    for name, tensor in new.items():
+        if name.startswith("vision."):
+            torch.testing.assert_close(tensor, torch.lerp(stage1[name], tuned[name], 0.5))
+            assert not torch.equal(tensor, stage1[name]), name
+        else:
+            assert torch.equal(tensor, stage1[name]), name
+    batch = make_batch([0, 1, 2])
+    reference = build_stage1(clip, "promptkd", OTHER)
+    reference.load_trainable_state(new)
+    dpc.set_classnames(OTHER)
+    dpc.set_eval_subset("new")
+    assert torch.equal(logits(dpc, batch), logits(reference, batch))
 
 
 # -- configuration, saving, stage-1 loading --------------------------------------------------------------------

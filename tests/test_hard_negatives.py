@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from dpc_cases import NoiseReader, picture_splits
 
 from promptclip.data.datasets.base import Datum
-from promptclip.plugins.hard_negatives import PictureLibrary, select_negatives, symmetric_contrastive_loss
+from promptclip.plugins.hard_negatives import (
+    PictureLibrary,
+    contrastive_logits,
+    rank_candidates,
+    select_negatives,
+    symmetric_contrastive_loss,
+)
 
 
 def ranked_scores(rows: list[list[int]], num_classes: int) -> torch.Tensor:
@@ -108,6 +114,28 @@ def test_a_repeated_class_is_masked_not_counted_as_a_negative() -> None:
     assert torch.allclose(loss, 0.5 * (rows + cols))
     unmasked = 0.5 * (F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.t(), torch.arange(4)))
     assert not torch.allclose(loss, unmasked)
+
+
+def test_contrastive_logits_and_loss_stay_fp32_under_autocast() -> None:
+    """Near s = 100 a bf16 logit moves in steps of 0.5: the pairs' logits run with autocast off, as every
+    learner's logits do, so autocast changes nothing here (fp32 features in, bitwise the fp32 result out)."""
+    generator = torch.Generator().manual_seed(2)
+    images = F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    texts = F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    labels, scale = torch.tensor([0, 1, 1, 2, 3, 4]), torch.tensor(100.0)
+    logits = contrastive_logits(images, texts, labels, scale)
+    loss = symmetric_contrastive_loss(images, texts, labels, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = contrastive_logits(images, texts, labels, scale)
+        autocast_loss = symmetric_contrastive_loss(images, texts, labels, scale)
+    assert autocast_logits.dtype == autocast_loss.dtype == torch.float32
+    assert torch.equal(autocast_logits, logits) and torch.equal(autocast_loss, loss)
+
+
+def test_the_ranking_is_one_tensor_of_labels_and_top_classes() -> None:
+    scores = ranked_scores([[4, 2, 0], [1, 3, 2]], 5)
+    assert rank_candidates(scores, torch.tensor([2, 3]), top_k=2).tolist() == [[2, 4, 2], [3, 1, 3]]
+    assert rank_candidates(scores, torch.tensor([2, 3]), top_k=9).shape == (2, 6)  # K capped at the classes
 
 
 def test_picture_library_draws_a_picture_of_each_requested_class() -> None:

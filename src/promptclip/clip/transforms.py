@@ -200,10 +200,15 @@ class TrainTransform:
         out = out.resize((self.image_size, self.image_size), resample)
         return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+    def augment(self, image: Image.Image, generator: torch.Generator | None = None) -> Image.Image:
+        """The cropped, resized and flipped RGB image (8 bits per channel), before the conversion to a tensor:
+        what may run apart from the normalisation (in a worker process, with the tensor step on the device)."""
         image = to_rgb(image)
         box, flip = self._sample(image.width, image.height, generator)
-        return normalize(pil_to_tensor(self._apply(image, box, flip, Image.Resampling.BICUBIC)))
+        return self._apply(image, box, flip, Image.Resampling.BICUBIC)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return normalize(pil_to_tensor(self.augment(image, generator)))
 
     def __repr__(self) -> str:
         return (

@@ -111,6 +111,9 @@ class PluginContext:
     """The finished stage-1 run folder (`RunNeeds.stage1`)."""
     full_splits: Any = None
     """The training classes before the few-shot draw (`RunNeeds.full_training_classes`)."""
+    num_workers: int = 0
+    """The run's data-loading worker processes (`data.num_workers`): a plug-in that prepares images of its
+    own per step (DPC's negatives) may use as many; 0: in the main process."""
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,33 @@ and P') substituted for its own tensors through `torch.func.functional_call`: no
 
 Weighting-decoupling, with omega_b for base classes and omega_n for new ones:
 
-* `weighting: reparam` (the official code, the default): the stored trainable tensor is theta (starting at
-  P) and the learner runs with P' = P + (theta - P) / omega_b, which is the code's (theta - (1 - omega_b) P)
-  / omega_b written so that P' is exactly P at the start. omega_b only rescales the step on P' (by
-  1 / omega_b^2 for SGD).
+* `weighting: reparam` (the official code's formula, the default): the stored trainable tensor is theta
+  (starting at P) and the learner runs with P' = P + (theta - P) / omega_b, which is the code's
+  (theta - (1 - omega_b) P) / omega_b written so that P' is exactly P at the start. omega_b only rescales the
+  step on P' (by 1 / omega_b^2 for SGD).
 * `weighting: mixed` (the paper's figure): P' is stored and trained; training and base inference feed the
   mixed prompt P + omega_b (P' - P).
+* `compat: released` runs the formula as the released code executes it: there theta is created as a
+  Parameter over P's own storage, so every optimiser step moves P with theta, the formula gives P' = theta,
+  the step on P' is lr / omega_b and weight decay pulls P' toward 0 (`released_tensor`).
 * Base classes (the classes P' was tuned on) are evaluated with the tuned prompt above; any other class set
-  ("new": novel classes, transfer targets) with P + omega_n (P' - P). With omega_n = 0 (every reported run)
-  that is P itself, so new-class predictions are bitwise those of stage 1.
+  ("new": novel classes, transfer targets) with P + omega_n (P' - P) on the tensors `new_mix` names and P on
+  the others. With omega_n = 0 (every reported run) that is P itself, so new-class predictions are bitwise
+  those of stage 1.
 
 Which of the two an evaluation is, is set explicitly with `set_eval_subset("base" | "new")` (the runner does
 so before every evaluation target); it is never inferred from class names or folders. It defaults to
 "base", which is also what training uses.
 
-The loss is the dynamic hard-negative optimizer's symmetric contrastive loss (see `hard_negatives`); the
+A training forward draws the hard negatives (see `hard_negatives`) and encodes them with the anchors: the
 hard negatives are ranked by the frozen stage-1 model, i.e. the inner learner with its own tensors P, whose
-class features are encoded once per class set. The wrapped learner's own loss terms can be added with
-`backbone_loss_weight` (0 in the official code). The inner learner's epoch hooks are not called: its tensors
-are frozen (PromptSRC's Gaussian aggregation, for one, belongs to stage 1).
+class features are encoded once per class set; a learner whose image side is frozen ranks with the image
+features of its own forward, others with a frozen pass of their own. Then all B' images go through the
+learner in one call when its image side is trained, so a layer with batch statistics (PromptKD's
+BatchNorm) normalises them as one batch and updates its statistics once per step, as the official code does.
+The loss is the symmetric contrastive loss over the image-class pairs; the wrapped learner's own loss terms
+can be added with `backbone_loss_weight` (0 in the official code). The inner learner's epoch hooks are not
+called: its tensors are frozen (PromptSRC's Gaussian aggregation, for one, belongs to stage 1).
 
 `trainable_state()` holds what training changes (the stored tensors and any tuned BatchNorm statistics);
 a saved prompt also holds P under `stage1.`, so it evaluates new classes without the stage-1 folder.
@@ -33,6 +41,7 @@ a saved prompt also holds P under `stage1.`, so it evaluates new classes without
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,13 +70,21 @@ from promptclip.methods.base import (
     StagePlan,
     check_backbone,
     read_prompt_config,
+    scaled_cosine_logits,
 )
 from promptclip.plugins.base import PluginModel
-from promptclip.plugins.hard_negatives import PictureLibrary, select_negatives, symmetric_contrastive_loss
+from promptclip.plugins.hard_negatives import (
+    PictureLibrary,
+    PictureWorkers,
+    RenderedPictures,
+    select_negatives,
+    symmetric_contrastive_loss,
+)
 from promptclip.registry import PLUGINS
 
 STAGE1_PREFIX = "stage1."
 _NEGATIVE_STREAM = 11  # derived-seed stream of the negative draws (the loader uses 1-4)
+COMPAT_MODES = ("none", "released")
 
 
 @dataclass
@@ -79,8 +96,12 @@ class DPCConfig:
     """Weight of the tuned prompt for new classes: P + omega_n (P' - P). 0 (the reported setting) keeps the
     stage-1 predictions exactly."""
     weighting: Literal["reparam", "mixed"] = "reparam"
-    """reparam: the official code (train theta, run P' = P + (theta - P) / omega_b); mixed: the paper's
-    figure (train P', run P + omega_b (P' - P))."""
+    """reparam: the official code's formula (train theta, run P' = P + (theta - P) / omega_b); mixed: the
+    paper's figure (train P', run P + omega_b (P' - P))."""
+    compat: Literal["none", "released"] = "none"
+    """none: the formula as written, P frozen. released: the released code as it runs, theta sharing P's
+    storage, so P moves with theta and P' = theta (step lr / omega_b, weight decay toward 0); weighted tensors
+    added by `also_tune` rank with their untuned values (the released PromptKD sampler). See docs/dpc.md."""
     top_k: int = 8
     """Hard-negative candidates per image: its top-K classes under the stage-1 model, minus its ground truth
     (at most K - 1)."""
@@ -97,6 +118,10 @@ class DPCConfig:
     reparametrize: list[str] = field(default_factory=lambda: ["*"])
     """Patterns of the tuned tensors the omega_b weighting applies to; the others train and run directly
     (the official PromptKD+DPC weights only the text context: ["teacher.text.ctx"])."""
+    new_mix: list[str] = field(default_factory=lambda: ["*"])
+    """Patterns of the tuned tensors the omega_n mix applies to on new classes; the others run with P there
+    (the official PromptKD+DPC mixes the student's prompts only: ["vision.*"], keeping the projector and the
+    teacher's text of stage 1)."""
     stage1_recipe: str = ""
     """Recipe of the stage-1 run (file, or name under configs/, e.g. coop/vit_b16_ep50_ctxv1): its method
     config, optimiser and batch size; dataset, seed and backbone are this run's, shots and classes the run
@@ -117,6 +142,34 @@ def check_dpc_config(cfg: DPCConfig) -> None:
         raise ConfigError(f"plugins.dpc.top_k: must be at least 1, got {cfg.top_k}")
     if cfg.min_negatives < 0:
         raise ConfigError(f"plugins.dpc.min_negatives: must be >= 0, got {cfg.min_negatives}")
+    if cfg.compat not in COMPAT_MODES:
+        raise ConfigError(
+            f"plugins.dpc.compat: {cfg.compat!r} is not allowed; choose one of {', '.join(COMPAT_MODES)} (none: "
+            "the weighting formula as written; released: the released code's shared theta and P)"
+        )
+    if cfg.compat == "released" and cfg.weighting != "reparam":
+        raise ConfigError(
+            f"plugins.dpc.compat: released reproduces the released code's reparam weighting, not weighting "
+            f"{cfg.weighting!r}; set plugins.dpc.weighting to reparam or compat to none"
+        )
+
+
+def released_tensor(stored: torch.Tensor, omega_b: float) -> torch.Tensor:
+    """What the released code feeds the encoders: (theta - (1 - omega_b) P) * (1 / omega_b) with P the same
+    storage as theta (a Parameter built over P without a copy), so P is theta's value outside autograd. The
+    value is theta up to rounding and the gradient reaching theta is 1 / omega_b times the one on P'."""
+    return (stored - (1 - omega_b) * stored.detach()) * (1 / omega_b)
+
+
+@dataclass
+class DPCOutput(LearnerOutput):
+    """A training forward's output: the anchors' logits and features, as the inner learner gives them, plus
+    the image-class pairs of the contrastive loss (anchors first, then the hard negatives)."""
+
+    pair_image_features: torch.Tensor
+    """[B', D] image features of the anchors and their negatives."""
+    pair_labels: torch.Tensor
+    """[B'] the class of each pair."""
 
 
 class _Dispatch(nn.Module):
@@ -136,6 +189,17 @@ class _BufferStore(nn.Module):
 
 def _escape(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _matching(names: Sequence[str], patterns: Sequence[str], key: str, inner: PromptModel) -> set[str]:
+    """The names matching any pattern; a pattern that matches none of them is refused."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(
+                f"plugins.dpc.{key}: {pattern!r} matches no tuned tensor of {inner.name}; they are "
+                f"{', '.join(names)[:400]}"
+            )
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
 
 @PLUGINS.register("dpc")
@@ -166,8 +230,10 @@ class DPC(PluginModel):
             if stage1:
                 load_stage1_prompt(inner, Path(stage1))
         self.tuned_names = tuned_tensor_names(inner, cfg.also_tune)
+        added = set(self.tuned_names) - set(tuned_tensor_names(inner))  # frozen in stage 1, tuned by also_tune
         self.buffer_names = sorted(inner.extra_state_buffers())
         self.weighted_names = {n for n in self.tuned_names if any(fnmatch.fnmatchcase(n, p) for p in cfg.reparametrize)}
+        self.new_mix_names = _matching([*self.tuned_names, *self.buffer_names], cfg.new_mix, "new_mix", inner)
         for name in self.tuned_names:
             inner.get_parameter(name).requires_grad_(False)
         # P' starts as a real copy (own storage) of every tuned tensor at every depth.
@@ -182,12 +248,23 @@ class DPC(PluginModel):
         ):
             raise ValueError("dpc: two tensor names of the wrapped learner collide once '.' is escaped")
         self.__dict__["_dispatch"] = _Dispatch(inner)  # not a submodule: the inner learner is registered once
+        # The released PromptKD sampler ranks with the untuned values of the weighted tensors DPC adds.
+        untuned = sorted(self.weighted_names & added) if cfg.compat == "released" else []
+        self._ranking_overrides = untuned_values(inner, untuned)
+        # A frozen image side gives the stage-1 image features in the forward itself: no second pass to rank.
+        self.rank_with_forward_features = not inner.has_visual_prompts and not cfg.also_tune
         self.eval_subset: EvalSubset = "base"
         self._frozen_substitutes: dict[str, tuple[tuple[int, ...], dict[str, torch.Tensor]]] = {}
         self._ranking_text: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._library: PictureLibrary | None = None
+        self._picture_workers: PictureWorkers | None = None
         self._epoch = 0
         self._step = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["_picture_workers"] = None  # processes are not copied; a copy starts its own
+        return state
 
     # -- the tensors ---------------------------------------------------------------------------------------
     def stage1_tensors(self) -> dict[str, torch.Tensor]:
@@ -198,15 +275,19 @@ class DPC(PluginModel):
 
     def tuned_tensors(self) -> dict[str, torch.Tensor]:
         """P', the parallel prompt (differentiable): P + (theta - P) / omega_b for weighted tensors in
-        reparam weighting, else the stored tensor itself."""
+        reparam weighting (the released code's aliased form under `compat: released`), else the stored
+        tensor itself."""
         tensors: dict[str, torch.Tensor] = {}
+        omega_b = self.cfg.omega_b
         for name in self.tuned_names:
             stored = self.tuned[_escape(name)]
-            if self.cfg.weighting == "reparam" and name in self.weighted_names:
-                stage1 = self.inner.get_parameter(name)
-                tensors[name] = stage1 + (stored - stage1) / self.cfg.omega_b
-            else:
+            if self.cfg.weighting != "reparam" or name not in self.weighted_names:
                 tensors[name] = stored
+            elif self.cfg.compat == "released":
+                tensors[name] = released_tensor(stored, omega_b)
+            else:
+                stage1 = self.inner.get_parameter(name)
+                tensors[name] = stage1 + (stored - stage1) / omega_b
         tensors.update({n: self.tuned_buffers.get_buffer(_escape(n)) for n in self.buffer_names})
         return tensors
 
@@ -220,13 +301,19 @@ class DPC(PluginModel):
         return tensors
 
     def new_tensors(self) -> dict[str, torch.Tensor]:
-        """What the learner runs with on any other class set: P + omega_n (P' - P); integer buffers stay P."""
+        """What the learner runs with on any other class set: P + omega_n (P' - P) on the `new_mix` tensors,
+        P on the others; integer buffers stay P. Under `compat: released` P' is the stored theta, as the
+        released code mixes the stored tensor with a fresh copy of P."""
         stage1 = self.stage1_tensors()
         if self.cfg.omega_n == 0:
             return stage1
         tuned = self.tuned_tensors()
+        if self.cfg.compat == "released":
+            tuned.update({n: self.tuned[_escape(n)] for n in self.tuned_names})
         return {
-            name: torch.lerp(p, tuned[name].to(p.dtype), self.cfg.omega_n) if p.is_floating_point() else p
+            name: torch.lerp(p, tuned[name].to(p.dtype), self.cfg.omega_n)
+            if p.is_floating_point() and name in self.new_mix_names
+            else p
             for name, p in stage1.items()
         }
 
@@ -259,7 +346,9 @@ class DPC(PluginModel):
 
     def _run(self, method: str, *args: Any) -> Any:
         """Call `method` of the inner learner with the active tensors substituted for its own."""
-        tensors = self._substitutes()
+        return self._call_inner(self._substitutes(), method, *args)
+
+    def _call_inner(self, tensors: Mapping[str, torch.Tensor], method: str, *args: Any) -> Any:
         if not tensors:
             return getattr(self.inner, method)(*args)
         substitutes = {f"inner.{name}": tensor for name, tensor in tensors.items()}
@@ -279,49 +368,85 @@ class DPC(PluginModel):
         return self._run("image_features", images)
 
     def forward(self, batch: Batch) -> LearnerOutput:
+        """The inner learner's output; in a training step (training mode, autograd on) the pairs' output,
+        which also holds the anchors' and their hard negatives' image features (`pair_output`)."""
+        if self.training and torch.is_grad_enabled():
+            return self.pair_output(batch)
         return self._run("forward", batch)
 
-    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+    def pair_output(self, batch: Batch) -> DPCOutput:
+        """Draw the anchors' hard negatives and encode them: the anchors' output as the inner learner gives
+        it, plus the image features and classes of all B' image-class pairs (anchors first)."""
+        if "label" not in batch:
+            raise ValueError("dpc: a training batch needs labels ('label'): the hard negatives are chosen by class")
         images, labels = batch["image"], batch["label"]
-        library = self.picture_library()
-        generator = torch.Generator().manual_seed(
-            derive_seed(_NEGATIVE_STREAM, self.context.seed, self._epoch, self._step)
-        )
-        self._step += 1
-        negatives = select_negatives(
-            self.stage1_scores(images),
-            labels,
-            self.cfg.top_k,
-            self.cfg.min_negatives,
-            generator,
-            eligible=library.has_pictures(),
-        )
-        drawn = library.draw([c for row in negatives for c in row], generator)
-        image_features = output.image_features
-        pair_labels = labels
-        if len(drawn.labels):
-            negative_features = self.image_features(drawn.images.to(images.device, images.dtype))
-            image_features = torch.cat([image_features, negative_features.to(image_features.dtype)])
-            pair_labels = torch.cat([labels, drawn.labels.to(labels.device)])
-        class_features = output.text_features[pair_labels]
-        terms = {"dpc": symmetric_contrastive_loss(image_features, class_features, pair_labels, self.logit_scale)}
+        if self.rank_with_forward_features:
+            output = self._run("forward", batch)
+            negatives = self.draw_negatives(self.ranking_scores(output.image_features), labels)
+            pair_features = output.image_features
+            if len(negatives):
+                # A frozen image side: the negatives' features do not depend on being encoded with the anchors.
+                encoded = self.image_features(negatives.images(images.device).to(images.dtype))
+                pair_features = torch.cat([pair_features, encoded.to(pair_features.dtype)])
+        else:
+            negatives = self.draw_negatives(self.stage1_scores(images), labels)
+            pictures = negatives.images(images.device).to(images.dtype)
+            # One pass over all B' images: one batch for any batch statistics, one update of them per step.
+            joint = self._run("forward", {"image": torch.cat([images, pictures]), "label": labels})
+            anchors = labels.shape[0]
+            output = dataclasses.replace(
+                joint, logits=joint.logits[:anchors], image_features=joint.image_features[:anchors]
+            )
+            pair_features = joint.image_features
+        pair_labels = torch.cat([labels, negatives.labels.to(labels.device)])
+        return DPCOutput(output.logits, output.image_features, output.text_features, pair_features, pair_labels)
+
+    def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
+        """The contrastive loss over the pairs of a training forward's output; for any other output (a forward
+        without autograd or in evaluation mode, which draws no negatives) the pairs are drawn now."""
+        if not isinstance(output, DPCOutput):
+            output = self.pair_output(batch)
+        features, labels = output.pair_image_features, output.pair_labels
+        terms = {"dpc": symmetric_contrastive_loss(features, output.text_features[labels], labels, self.logit_scale)}
         if self.cfg.backbone_loss_weight:
             inner_terms = self._run("loss", batch, output)
             terms.update({f"stage1_{k}": self.cfg.backbone_loss_weight * v for k, v in inner_terms.items()})
         return terms
 
-    def stage1_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, C] similarities of the frozen stage-1 model over the current classes (ranking only)."""
+    # -- the hard negatives ------------------------------------------------------------------------------------
+    def draw_negatives(self, scores: torch.Tensor, labels: torch.Tensor) -> RenderedPictures:
+        """The step's negatives from the stage-1 `scores` [B, C] of the anchors: classes chosen on the host,
+        pictures rendered (in worker processes with `PluginContext.num_workers`), seeded from (run seed,
+        epoch, step)."""
+        library = self.picture_library()
+        generator = torch.Generator().manual_seed(
+            derive_seed(_NEGATIVE_STREAM, self.context.seed, self._epoch, self._step)
+        )
+        self._step += 1
+        eligible = library.has_pictures()
+        chosen = select_negatives(scores, labels, self.cfg.top_k, self.cfg.min_negatives, generator, eligible)
+        requests = library.requests([c for row in chosen for c in row], generator)
+        return library.render_all(requests, self.picture_workers())
+
+    def ranking_scores(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, C] fp32 scores of stage-1 image features against the stage-1 class features (ranking only)."""
         with torch.no_grad():
-            return self.inner.image_features(images).float() @ self.stage1_class_features().t()
+            return scaled_cosine_logits(self.logit_scale, image_features.detach(), self.stage1_class_features())
+
+    def stage1_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C] scores of the frozen stage-1 model over the current classes (ranking only)."""
+        with torch.no_grad():
+            return self.ranking_scores(self._call_inner(self._ranking_overrides, "image_features", images))
 
     def stage1_class_features(self) -> torch.Tensor:
         """The stage-1 model's class features, encoded once per class set."""
         device = self.clip.token_embedding.weight.device
-        key = (tuple(self.classnames), device, *(t._version for t in self.stage1_tensors().values()))
+        tensors = [*self.stage1_tensors().values(), *self._ranking_overrides.values()]
+        key = (tuple(self.classnames), device, *(t._version for t in tensors))
         if self._ranking_text is None or self._ranking_text[0] != key:
             with torch.no_grad():
-                self._ranking_text = (key, self.inner.encode_classnames(self.classnames).float())
+                features = self._call_inner(self._ranking_overrides, "encode_classnames", self.classnames)
+            self._ranking_text = (key, features.float())
         return self._ranking_text[1]
 
     def picture_library(self) -> PictureLibrary:
@@ -329,6 +454,18 @@ class DPC(PluginModel):
         if self._library is None:
             self._library = build_picture_library(self.context, self.cfg, self.classnames, self.clip)
         return self._library
+
+    def picture_workers(self) -> PictureWorkers | None:
+        """The `PluginContext.num_workers` processes that render the negatives, started at the first draw
+        (None: rendered in this process)."""
+        wanted = self.context.num_workers
+        if wanted <= 0:
+            return None
+        if self._picture_workers is None or self._picture_workers.workers != wanted:
+            if self._picture_workers is not None:
+                self._picture_workers.close()
+            self._picture_workers = PictureWorkers(self.picture_library(), wanted)
+        return self._picture_workers
 
     # -- epochs, classes, state ------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
@@ -399,6 +536,35 @@ def tuned_tensor_names(inner: PromptModel, also_tune: Sequence[str] = ()) -> lis
         raise ValueError(f"dpc: {inner.name} has no tuned tensors to copy; wrap a prompt learner (coop, maple, ...)")
     order = {n: i for i, (n, _) in enumerate(inner.named_parameters())}
     return sorted(names, key=order.__getitem__)
+
+
+def untuned_values(inner: PromptModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The initial (untuned) value of each named tensor: the learner that owns it (the innermost PromptModel
+    on its path, e.g. PromptKD's teacher) built afresh with its own config. Only a value its config fixes
+    (words of `ctx_init`) has one; a random initial value is refused."""
+    values: dict[str, torch.Tensor] = {}
+    for name in names:
+        parts = name.split(".")
+        split = max(i for i in range(len(parts)) if isinstance(inner.get_submodule(".".join(parts[:i])), PromptModel))
+        owner: PromptModel = inner.get_submodule(".".join(parts[:split]))  # type: ignore[assignment]
+        fresh = [_rebuilt(owner, seed).get_parameter(".".join(parts[split:])).detach() for seed in (0, 1)]
+        if not torch.equal(fresh[0], fresh[1]):
+            raise ConfigError(
+                f"plugins.dpc.compat: released ranks with the untuned value of {name}, but {owner.name} starts it "
+                "at random; give it initial words (ctx_init) or set compat to none"
+            )
+        values[name] = fresh[0]
+    return values
+
+
+def _rebuilt(learner: PromptModel, seed: int) -> PromptModel:
+    """A new learner of `learner`'s class and config on its CLIP, built under `seed` without touching the
+    global random state."""
+    device = learner.clip.token_embedding.weight.device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return type(learner)(learner.clip, learner.classnames, learner.cfg, learner.template)
 
 
 def stage1_prompt_folder(path: Path) -> Path:

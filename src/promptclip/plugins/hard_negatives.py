@@ -13,27 +13,45 @@ Per training step, for a batch of B anchors (image x_i, class y_i):
 6. the B' = B + sum(n_i) image-class pairs are scored with a symmetric InfoNCE; pairs whose classes repeat
    (two anchors of one class) are masked out instead of being counted as negatives.
 
+The ranking is read on the host once per step, in one copy (`rank_candidates`): the pictures of the chosen
+classes live on the host. Each negative picture is a `PictureRequest` (class, seed): `PictureLibrary.render`
+picks the picture and crops, resizes and flips it from that seed alone, so it gives the same pixels in the
+main process or in worker processes (`PictureWorkers`); the 8-bit pixels are normalised where the model runs.
+
 Every random choice comes from a `torch.Generator` the caller seeds, so a step can be replayed.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from promptclip.clip.transforms import TrainTransform
+from promptclip.clip.transforms import TrainTransform, normalize
 from promptclip.data.datasets.base import DatasetError, DatasetSplits, Datum
+from promptclip.methods.base import scaled_cosine_logits
 
 PRELOAD_MAX_IMAGES = 2000  # a few-shot library is decoded once; a full split is read per draw
+_SEED_BOUND = 2**62  # per-picture seeds are drawn below this
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Choosing the negative classes
 # ---------------------------------------------------------------------------------------------------------
+
+
+def rank_candidates(scores: torch.Tensor, labels: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[B, 1 + k] on the scores' device: each anchor's label, then its k = min(top_k, C) best classes under
+    `scores` [B, C] (ranked in fp32). One tensor, so the host reads the step's ranking in one copy."""
+    ranked = scores.detach().float().topk(min(top_k, scores.shape[1]), dim=1).indices
+    return torch.cat([labels.to(ranked.device, ranked.dtype)[:, None], ranked], dim=1)
 
 
 def select_negatives(
@@ -59,12 +77,23 @@ def select_negatives(
     allowed = [True] * num_classes if eligible is None else [bool(e) for e in eligible]
     if len(allowed) != num_classes:
         raise ValueError(f"eligible has {len(allowed)} entries for {num_classes} classes")
-    label_list = [int(label) for label in labels.tolist()]
-    in_batch = set(label_list)
-    ranked = scores.detach().float().topk(min(top_k, num_classes), dim=1).indices.tolist()
+    # The step's only device-to-host copy: the negatives' pictures are chosen and read on the host.
+    rows = rank_candidates(scores, labels, top_k).to("cpu", copy=True).tolist()
+    return negatives_from_ranking(rows, top_k, min_negatives, allowed, generator)
+
+
+def negatives_from_ranking(
+    rows: Sequence[Sequence[int]],
+    top_k: int,
+    min_negatives: int,
+    allowed: Sequence[bool],
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Steps 2-4 on the host, from `rank_candidates` rows (label, then the ranked classes)."""
+    in_batch = {row[0] for row in rows}
     negatives: list[list[int]] = []
-    for label, row in zip(label_list, ranked, strict=True):
-        candidates = [c for c in row if c != label][: top_k - 1]
+    for label, *ranked in rows:
+        candidates = [c for c in ranked if c != label][: top_k - 1]
         chosen = []
         for c in candidates:
             if allowed[c] and c not in in_batch:
@@ -72,7 +101,7 @@ def select_negatives(
                 in_batch.add(c)
         missing = min_negatives - len(chosen)
         if missing > 0:
-            unused = [c for c in range(num_classes) if allowed[c] and c not in in_batch]
+            unused = [c for c in range(len(allowed)) if allowed[c] and c not in in_batch]
             order = torch.randperm(len(unused), generator=generator).tolist()
             for position in order[:missing]:
                 chosen.append(unused[position])
@@ -86,19 +115,28 @@ def select_negatives(
 # ---------------------------------------------------------------------------------------------------------
 
 
+def contrastive_logits(
+    image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Z = s * I T^T over N image-class pairs [N, N], in fp32 even under autocast (as every learner's logits:
+    near s = 100, bf16 would round them in steps of 0.5), with the off-diagonal pairs of one class at -inf."""
+    if image_features.shape[0] != class_features.shape[0] or image_features.shape[0] != labels.shape[0]:
+        raise ValueError("the image features, class features and labels must describe the same pairs")
+    logits = scaled_cosine_logits(logit_scale, image_features, class_features)
+    same_class = labels[:, None] == labels[None, :]
+    same_class.fill_diagonal_(False)
+    return logits.masked_fill(same_class, float("-inf"))
+
+
 def symmetric_contrastive_loss(
     image_features: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """1/2 [CE(Z, diag) + CE(Z^T, diag)] with Z = s * I T^T over N image-class pairs (row i: image i, class
-    labels[i]). Off-diagonal pairs of the same class are masked: a repeated class is not a negative."""
-    if image_features.shape[0] != class_features.shape[0] or image_features.shape[0] != labels.shape[0]:
-        raise ValueError("the image features, class features and labels must describe the same pairs")
-    logits = logit_scale * image_features.float() @ class_features.float().t()
-    same_class = labels[:, None] == labels[None, :]
-    same_class.fill_diagonal_(False)
-    logits = logits.masked_fill(same_class, float("-inf"))
+    """1/2 [CE(Z, diag) + CE(Z^T, diag)] with Z = `contrastive_logits` (row i: image i, class labels[i]).
+    Off-diagonal pairs of the same class are masked: a repeated class is not a negative."""
+    logits = contrastive_logits(image_features, class_features, labels, logit_scale)
     targets = torch.arange(labels.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,11 +144,37 @@ def symmetric_contrastive_loss(
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PictureRequest:
+    """One negative's picture: a random picture of `label`, randomly augmented, all from `seed`."""
+
+    label: int
+    seed: int
+
+
 @dataclass
 class LibraryDraw:
-    images: torch.Tensor  # [N, 3, S, S]
+    images: torch.Tensor  # [N, 3, S, S], CLIP-normalised float32
     labels: torch.Tensor  # [N]
     paths: list[str]
+
+
+@dataclass
+class RenderedPictures:
+    """Rendered negatives before normalisation: 8-bit pixels, cheap to send to the model's device."""
+
+    pixels: torch.Tensor  # [N, S, S, 3] uint8
+    labels: torch.Tensor  # [N]
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[N, 3, S, S] CLIP-normalised float32 on `device`: the same arithmetic as `TrainTransform`'s
+        tensor step (x / 255, then mean and std), done on the batch where the model runs."""
+        pixels = self.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        return normalize(pixels.to(torch.float32).div_(255.0)).contiguous()
 
 
 class PictureLibrary:
@@ -168,17 +232,73 @@ class PictureLibrary:
         cached = self._decoded.get(datum.path)
         return cached if cached is not None else self.splits.load_image(datum)
 
-    def draw(self, classes: Sequence[int], generator: torch.Generator | None = None) -> LibraryDraw:
-        """One randomly chosen, randomly augmented picture per entry of `classes`."""
-        if not classes:
-            size = self.transform.image_size
-            return LibraryDraw(torch.empty(0, 3, size, size), torch.empty(0, dtype=torch.long), [])
-        images, paths = [], []
+    def requests(self, classes: Sequence[int], generator: torch.Generator | None = None) -> list[PictureRequest]:
+        """One request per entry of `classes`, each with its own seed drawn from `generator`."""
         for label in classes:
-            items = self.by_class[label]
-            if not items:
+            if not self.by_class[label]:
                 raise DatasetError(f"picture library of {self.splits.name!r} has no picture of class {label}")
-            datum = items[int(torch.randint(len(items), (1,), generator=generator))]
-            images.append(self.transform(self._image(datum), generator))
-            paths.append(datum.path)
-        return LibraryDraw(torch.stack(images), torch.tensor(list(classes), dtype=torch.long), paths)
+        seeds = torch.randint(_SEED_BOUND, (len(classes),), generator=generator).tolist()
+        return [PictureRequest(int(label), seed) for label, seed in zip(classes, seeds, strict=True)]
+
+    def render(self, request: PictureRequest) -> tuple[np.ndarray, str]:
+        """The picture of `request`, chosen, cropped, resized and flipped: [S, S, 3] uint8, and its path."""
+        generator = torch.Generator().manual_seed(request.seed)
+        items = self.by_class[request.label]
+        datum = items[int(torch.randint(len(items), (1,), generator=generator))]
+        return np.array(self.transform.augment(self._image(datum), generator), dtype=np.uint8), datum.path
+
+    def render_all(self, requests: Sequence[PictureRequest], workers: PictureWorkers | None = None) -> RenderedPictures:
+        """Every request rendered, in the worker processes when given, else here."""
+        size = self.transform.image_size
+        if not requests:
+            empty = torch.empty(0, size, size, 3, dtype=torch.uint8)
+            return RenderedPictures(empty, torch.empty(0, dtype=torch.long), [])
+        rendered = workers.render(requests) if workers is not None else [self.render(r) for r in requests]
+        pixels = torch.from_numpy(np.stack([array for array, _ in rendered]))
+        labels = torch.tensor([r.label for r in requests], dtype=torch.long)
+        return RenderedPictures(pixels, labels, [path for _, path in rendered])
+
+    def draw(self, classes: Sequence[int], generator: torch.Generator | None = None) -> LibraryDraw:
+        """One randomly chosen, randomly augmented picture per entry of `classes`, normalised, on the CPU."""
+        rendered = self.render_all(self.requests(classes, generator))
+        return LibraryDraw(rendered.images(), rendered.labels, rendered.paths)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------------------------------------
+
+_WORKER_LIBRARY: PictureLibrary | None = None
+
+
+def _adopt_library(library: PictureLibrary) -> None:
+    global _WORKER_LIBRARY
+    torch.set_num_threads(1)  # as a data loader's workers: one picture per process at a time
+    _WORKER_LIBRARY = library
+
+
+def _render_in_worker(request: PictureRequest) -> tuple[np.ndarray, str]:
+    if _WORKER_LIBRARY is None:
+        raise RuntimeError("a picture worker was started without its library")
+    return _WORKER_LIBRARY.render(request)
+
+
+class PictureWorkers:
+    """Processes that render the negatives' pictures (decode when not preloaded, crop, resize, flip), as a
+    data loader's workers render its batches: the main process sends (class, seed) requests and receives
+    8-bit pixels, identical to rendering them itself. Each holds a copy of the library taken when started."""
+
+    def __init__(self, library: PictureLibrary, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"picture workers: need at least 1 process, got {workers}")
+        self.workers = workers
+        context = multiprocessing.get_context()
+        self._pool = context.Pool(workers, initializer=_adopt_library, initargs=(library,))
+        self._finalizer = weakref.finalize(self, self._pool.terminate)
+
+    def render(self, requests: Sequence[PictureRequest]) -> list[tuple[np.ndarray, str]]:
+        chunk = max(1, math.ceil(len(requests) / self.workers))
+        return self._pool.map(_render_in_worker, list(requests), chunksize=chunk)
+
+    def close(self) -> None:
+        self._finalizer()

@@ -80,7 +80,7 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
         log(f"evaluating the prompt trained in {reused.parent} (trained exactly as this run would); nothing to train")
     else:
         full = subsample_classes(source, spec.train_subsample) if planned.needs.full_training_classes else None
-        context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full)
+        context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full, cfg.data.num_workers)
         learner = build_learner(planned, clip, splits, context).to(device)
         log(learner.parameter_summary())
         check_targets_servable(learner, planned, datasets, splits)
