@@ -1,5 +1,7 @@
-"""DAPT (decouple before align) as a plug-in: its views, its three terms, its schedule, its masks (DAPT-S from
-the data, DAPT-G from Grad-CAM) and the pass-through at test time, on a tiny random CLIP."""
+"""DAPT (decouple before align) as a plug-in: its views (stop-gradient targets encoded without a graph), its
+three terms, its schedule, its masks (DAPT-S from the data, DAPT-G from Grad-CAM), `compat: released` against
+the released step written out, fp32 logits under autocast and the pass-through at test time, on a tiny random
+CLIP."""
 
 from __future__ import annotations
 
