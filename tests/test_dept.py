@@ -109,6 +109,32 @@ def test_the_head_trains_at_its_multiple_of_the_learning_rate(tiny_clip) -> None
         assert torch.allclose(after[name], expected, rtol=1e-5, atol=1e-7), name
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_bitwise_with_its_learning_rate_groups(tiny_clip, tmp_path: Path) -> None:
+    """The head's optimiser group (and its momentum) comes back from the checkpoint: stopped after epoch 2 of 3
+    and resumed, the prompt and the head end bitwise where an uninterrupted run ends."""
+    batches = [make_batch(tiny_clip, seed=s) for s in (1, 2)]
+    cfg = OptimConfig(lr=0.05, epochs=3, warmup_epochs=1, warmup_lr=1e-3)
+
+    def run(run_dir: Path, resume: bool, callbacks: Any = ()) -> dict[str, torch.Tensor]:
+        learner = coop_dept(tiny_clip)
+        Trainer(learner, batches, cfg, run_dir=run_dir, progress=False, callbacks=callbacks).fit(resume=resume)
+        return learner.trainable_state()
+
+    def stop_after_second(epoch: int, trainer: Trainer) -> None:
+        if epoch == 2:
+            raise Interrupt
+
+    straight = run(tmp_path / "straight", resume=False)
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", resume=False, callbacks=[stop_after_second])
+    resumed = run(tmp_path / "cut", resume=True)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
 def test_warm_up_runs_every_group_at_the_warm_up_rate(tiny_clip) -> None:
     from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 

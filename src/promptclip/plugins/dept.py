@@ -125,8 +125,9 @@ class CATHead(nn.Module):
 
 @PLUGINS.register("dept")
 class DePT(PluginModel):
-    """Decoupled prompt tuning: a CAT head for the training classes beside the wrapped learner, fused with it on
-    those classes and off for every other class set."""
+    """Decoupled prompt tuning: a head for the training classes, fused with the learner's logits on those only.
+
+    The channel-adjusted transfer head is trained with the prompts and is off for every other class set."""
 
     name = "dept"
     Config = DePTConfig
