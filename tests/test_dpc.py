@@ -602,6 +602,11 @@ def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() ->
             omega_b,
         ), name
         assert cfg.data.shots == 16 and cfg.optim.warmup_lr == 1e-5 and dpc.weighting == "reparam"
+        assert dpc.compat == "none", name
+        # The official PromptKD+DPC mixes only the student's prompts for new classes; its cross-dataset recipe
+        # applies every tuned tensor as it is (omega_n 1).
+        official_mix = ["vision.*"] if name.startswith("promptkd_dpc") and "cross" not in name else ["*"]
+        assert dpc.new_mix == official_mix, name
         stage1 = run_needs(cfg).stage1
         assert stage1 is not None and stage1.config.method == cfg.method_name, name
 
