@@ -1,95 +1,91 @@
-"""Behaviour of the methods on the bundled `tiny-synthetic` CLIP: what each claims, checked with wide bands.
+"""Behaviour of the methods on the bundled `tiny-synthetic` CLIP: the papers' claims, measured.
 
-The runs go through the same runner as `promptclip run` and `promptclip demo` (base-to-novel: train on the
-base half of the classes with 16 shots, test on base and new), with exactly the demo's settings, so the
-numbers are those the demo prints (docs/tiny-clip.md lists them for seeds 1-3). Bands are set from those
-seeds with room to spare, so they hold across seeds and machines.
+The fast tests check that the demo's world leaves room to tune: zero-shot accuracy clearly above chance and
+clearly below the ceiling on every task of the demo. The slow tests (`pytest -m slow tests/test_behaviour.py`,
+about half an hour on two cores) run `promptclip demo --full` (every method, three seeds, the three style
+tasks and the misleading-background task) through the same runner, and assert each claim the world shows:
+the effect has the claimed sign and is at least three times its seed standard deviation
+(`promptclip.reports.claims`). docs/tiny-clip.md lists the measured table and the claims the world does
+not show, with their numbers.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
+import torch
 
-from promptclip.commands.demo import DEMO_METHODS, demo_config
-from promptclip.data import synthetic
+from promptclip.commands.demo import DEMO_CLAIMS, PROFILES, SPURIOUS_TASK, STYLE_TASKS, claim_results
+from promptclip.reports.claims import Claim, format_claim
 
-SEED = 1
-
-
-def chance(task: str, half: str) -> float:
-    count = {"synthetic_objects": 24, "synthetic_shapes": 10, "synthetic_scenes": 10}[task]
-    base = (count + 1) // 2
-    return 100.0 / (base if half == "base" else count - base)
+# Claims the world does not show (docs/tiny-clip.md gives the numbers and why); every other claim is asserted.
+NOT_SHOWN: frozenset[str] = frozenset()
 
 
-def demo_method(name: str) -> Any:
-    return next(m for m in DEMO_METHODS if m.method == name)
+def _zero_shot_accuracy(task_name: str) -> dict[str, float]:
+    """Zero-shot base and new accuracy (%) of the bundled model on a task's test split, as the demo runs it."""
+    from promptclip import load_clip
+    from promptclip.clip.tokenizer import tokenize
+    from promptclip.data import synthetic
+    from promptclip.pretraining.batches import images_to_pixels
+
+    clip = load_clip("tiny-synthetic")
+    task = synthetic.build_task(task_name, train_per_class=1, val_per_class=0, test_per_class=32)
+    halves = {
+        "base": range((len(task.classnames) + 1) // 2),
+        "new": range((len(task.classnames) + 1) // 2, len(task.classnames)),
+    }
+    accuracy = {}
+    for half, labels in halves.items():
+        samples = [s for s in task.test if s.label in labels]
+        images = torch.stack([images_to_pixels(task.render_sample(s)[0][None], clip.image_size)[0] for s in samples])
+        prompts = tokenize([task.template.format(task.classnames[c]) for c in labels])
+        with torch.no_grad():
+            image = torch.nn.functional.normalize(clip.encode_image(images), dim=-1)
+            text = torch.nn.functional.normalize(clip.encode_text(prompts), dim=-1)
+        predicted = (image @ text.T).argmax(dim=-1) + labels.start
+        truth = torch.tensor([s.label for s in samples])
+        accuracy[half] = 100.0 * (predicted == truth).float().mean().item()
+    return accuracy
+
+
+@pytest.mark.parametrize("task", [*STYLE_TASKS, SPURIOUS_TASK])
+def test_demo_world_leaves_room_above_zero_shot(task: str) -> None:
+    from promptclip.data import synthetic
+
+    classes = len(synthetic.build_task(task, train_per_class=1, val_per_class=0, test_per_class=1).classnames)
+    chance = 100.0 / (classes // 2)
+    accuracy = _zero_shot_accuracy(task)
+    for half, value in accuracy.items():
+        assert value >= 2 * chance, (half, accuracy)  # the model knows the kinds' names
+        assert value <= 85.0, (half, accuracy)  # and leaves room for few-shot tuning
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("behaviour-runs")
-
-
-@pytest.fixture(scope="module")
-def base2new(runs_dir: Path) -> Callable[[str, str], dict[str, float]]:
-    """Base and new test accuracy of a demo method on a task; each run happens once per module."""
+def full_scores(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, int], dict[str, float]]:
+    """(method, task, seed) -> base/new accuracy of `promptclip demo --full`, run once for the module."""
+    from promptclip.commands.demo import DEMO_METHODS, demo_config, run_jobs
     from promptclip.protocols.spec import Sweep, expand
-    from promptclip.runs import RunOptions, execute
 
-    done: dict[tuple[str, str], dict[str, float]] = {}
-
-    def run(method: str, task: str) -> dict[str, float]:
-        if (method, task) not in done:
-            cfg = demo_config(demo_method(method), device="cpu")
-            sweep = Sweep(datasets=[task], seeds=(SEED,), runs_dir=runs_dir, recipe="demo")
-            (spec,) = expand("base2new", cfg, sweep)
-            results = execute(spec, cfg, RunOptions(progress=False, echo=False)).results
-            assert results is not None
-            done[(method, task)] = {key: entry.accuracy for key, entry in results.evaluations.items()}
-        return done[(method, task)]
-
-    return run
-
-
-@pytest.mark.parametrize("task", synthetic.TASK_NAMES)
-def test_zero_shot_is_far_above_chance(task: str, base2new: Callable[[str, str], dict[str, float]]) -> None:
-    accuracy = base2new("zeroshot", task)
-    for half in ("base", "new"):
-        assert accuracy[half] >= 2.5 * chance(task, half), (half, accuracy)
+    profile = PROFILES["full"]
+    runs_dir: Path = tmp_path_factory.mktemp("behaviour-runs")
+    by_name = {item.name: item for item in DEMO_METHODS}
+    jobs = []
+    for dataset, names in profile.runs.items():
+        for name in names:
+            cfg = demo_config(by_name[name], device="cpu")
+            sweep = Sweep(datasets=[dataset], seeds=profile.seeds_for(dataset), runs_dir=runs_dir, recipe="demo")
+            jobs += [(by_name[name], spec, cfg) for spec in expand("base2new", cfg, sweep)]
+    scores: dict[tuple[str, str, int], dict[str, float]] = {}
+    for item, spec, _, accuracy in run_jobs(jobs, processes=None):
+        assert accuracy is not None
+        scores[(item.name, spec.dataset, spec.seed)] = accuracy
+    return scores
 
 
-@pytest.mark.parametrize("task", ["synthetic_shapes", "synthetic_scenes"])
-def test_zero_shot_leaves_room_for_prompt_tuning(task: str, base2new: Callable[[str, str], dict[str, float]]) -> None:
-    assert base2new("zeroshot", task)["base"] <= 95.0
-
-
-def test_coop_raises_base_accuracy_over_zero_shot(base2new: Callable[[str, str], dict[str, float]]) -> None:
-    # On the scenes the hand-written prompt is the weak part (the word "background" never occurred in the
-    # pretraining captions), which a learned context fixes: +3.1 to +4.4 points over seeds 1-3.
-    zero_shot, coop = base2new("zeroshot", "synthetic_scenes"), base2new("coop", "synthetic_scenes")
-    assert coop["base"] >= zero_shot["base"] + 1.5, (zero_shot, coop)
-
-
-def test_kgcoop_keeps_more_new_class_accuracy_than_coop(base2new: Callable[[str, str], dict[str, float]]) -> None:
-    task = "synthetic_objects"
-    zero_shot, coop, kgcoop = (base2new(m, task) for m in ("zeroshot", "coop", "kgcoop"))
-    assert kgcoop["new"] >= coop["new"] - 1.0, (coop, kgcoop)
-    assert kgcoop["new"] >= zero_shot["new"] - 3.0, (zero_shot, kgcoop)
-
-
-def test_dpc_tunes_base_and_leaves_new_classes_at_stage_one(
-    base2new: Callable[[str, str], dict[str, float]], runs_dir: Path
-) -> None:
-    pytest.importorskip("promptclip.plugins.dpc")
-    task = "synthetic_scenes"
-    coop, dpc = base2new("coop", task), base2new("coop+dpc", task)
-    assert dpc["new"] == coop["new"]  # omega_n = 0: the stage-1 prompt, bit for bit
-    assert dpc["base"] >= coop["base"] - 1.0, (coop, dpc)
-    results = json.loads(next(runs_dir.rglob("coop+dpc/**/results.json")).read_text(encoding="utf-8"))
-    assert Path(results["train"]["stage1_run"]).name == f"seed{SEED}"
+@pytest.mark.slow
+@pytest.mark.parametrize("claim", [c for c in DEMO_CLAIMS if c.text not in NOT_SHOWN], ids=lambda c: c.text)
+def test_the_world_shows_the_claim(claim: Claim, full_scores: dict[tuple[str, str, int], dict[str, float]]) -> None:
+    (result,) = [r for r in claim_results(full_scores) if r.claim == claim]
+    assert result.shown, format_claim(result)
