@@ -5,6 +5,7 @@ the host except its one ranking copy (on a GPU every such read waits for the dev
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,7 @@ def test_a_dpc_step_with_picture_workers_equals_one_without(tiny_clip) -> None:
     try:
         output, loss, grads = step(ours, batch)
         assert ours.picture_workers() is not None
+        assert copy.deepcopy(ours)._picture_workers is None  # a copy starts its own processes when it draws
         with dpc_pictures_in_main_process(naive):
             assert naive.picture_workers() is None
             naive_output, naive_loss, naive_grads = step(naive, batch)

@@ -184,7 +184,8 @@ class _Dispatch(nn.Module):
 
 
 class _BufferStore(nn.Module):
-    """Holds the tuned copies of the inner learner's trained buffers (BatchNorm statistics)."""
+    """Holds tensors by escaped names: the tuned copies of the inner learner's trained buffers (BatchNorm
+    statistics), the untuned values of `compat: released`'s ranking."""
 
 
 def _escape(name: str) -> str:
@@ -250,7 +251,10 @@ class DPC(PluginModel):
         self.__dict__["_dispatch"] = _Dispatch(inner)  # not a submodule: the inner learner is registered once
         # The released PromptKD sampler ranks with the untuned values of the weighted tensors DPC adds.
         untuned = sorted(self.weighted_names & added) if cfg.compat == "released" else []
-        self._ranking_overrides = untuned_values(inner, untuned)
+        self.untuned = _BufferStore()  # moves with the learner; not saved (rebuilt from the config)
+        for name, value in untuned_values(inner, untuned).items():
+            self.untuned.register_buffer(_escape(name), value, persistent=False)
+        self._untuned_names = untuned
         # A frozen image side gives the stage-1 image features in the forward itself: no second pass to rank.
         self.rank_with_forward_features = not inner.has_visual_prompts and not cfg.also_tune
         self.eval_subset: EvalSubset = "base"
@@ -267,6 +271,11 @@ class DPC(PluginModel):
         return state
 
     # -- the tensors ---------------------------------------------------------------------------------------
+    @property
+    def _ranking_overrides(self) -> dict[str, torch.Tensor]:
+        """Tensors the ranking model takes instead of P (`compat: released`: untuned ones)."""
+        return {name: self.untuned.get_buffer(_escape(name)) for name in self._untuned_names}
+
     def stage1_tensors(self) -> dict[str, torch.Tensor]:
         """P: the frozen stage-1 tensors (parameters, then trained buffers) by their name in the inner learner."""
         tensors: dict[str, torch.Tensor] = {n: self.inner.get_parameter(n) for n in self.tuned_names}
