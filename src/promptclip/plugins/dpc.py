@@ -41,7 +41,6 @@ a saved prompt also holds P under `stage1.`, so it evaluates new classes without
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -388,27 +387,34 @@ class DPC(PluginModel):
         it, plus the image features and classes of all B' image-class pairs (anchors first)."""
         if "label" not in batch:
             raise ValueError("dpc: a training batch needs labels ('label'): the hard negatives are chosen by class")
-        images, labels = batch["image"], batch["label"]
         if self.rank_with_forward_features:
-            output = self._run("forward", batch)
-            negatives = self.draw_negatives(self.ranking_scores(output.image_features), labels)
-            pair_features = output.image_features
-            if len(negatives):
-                # A frozen image side: the negatives' features do not depend on being encoded with the anchors.
-                encoded = self.image_features(negatives.images(images.device).to(images.dtype))
-                pair_features = torch.cat([pair_features, encoded.to(pair_features.dtype)])
-        else:
-            negatives = self.draw_negatives(self.stage1_scores(images), labels)
-            pictures = negatives.images(images.device).to(images.dtype)
-            # One pass over all B' images: one batch for any batch statistics, one update of them per step.
-            joint = self._run("forward", {"image": torch.cat([images, pictures]), "label": labels})
-            anchors = labels.shape[0]
-            output = dataclasses.replace(
-                joint, logits=joint.logits[:anchors], image_features=joint.image_features[:anchors]
-            )
-            pair_features = joint.image_features
+            return self._pairs_beside_the_forward(batch)
+        return self._pairs_in_one_pass(batch)
+
+    def _pairs_beside_the_forward(self, batch: Batch) -> DPCOutput:
+        """A frozen image side: the forward's image features are the stage-1 ones the ranking needs, and the
+        negatives' features do not depend on being encoded with the anchors."""
+        images, labels = batch["image"], batch["label"]
+        output = self._run("forward", batch)
+        negatives = self.draw_negatives(self.ranking_scores(output.image_features), labels)
+        features = output.image_features
+        if len(negatives):
+            encoded = self.image_features(negatives.images(images.device).to(images.dtype))
+            features = torch.cat([features, encoded.to(features.dtype)])
         pair_labels = torch.cat([labels, negatives.labels.to(labels.device)])
-        return DPCOutput(output.logits, output.image_features, output.text_features, pair_features, pair_labels)
+        return DPCOutput(output.logits, output.image_features, output.text_features, features, pair_labels)
+
+    def _pairs_in_one_pass(self, batch: Batch) -> DPCOutput:
+        """An image side that trains: ranked by a frozen stage-1 pass, then all B' images through the learner
+        in one pass: one batch for any batch statistics, one update of them per step."""
+        images, labels = batch["image"], batch["label"]
+        negatives = self.draw_negatives(self.stage1_scores(images), labels)
+        pair_labels = torch.cat([labels, negatives.labels.to(labels.device)])
+        pictures = negatives.images(images.device).to(images.dtype)
+        joint = self._run("forward", {"image": torch.cat([images, pictures]), "label": pair_labels})
+        anchors = labels.shape[0]
+        logits, features = joint.logits[:anchors], joint.image_features[:anchors]
+        return DPCOutput(logits, features, joint.text_features, joint.image_features, pair_labels)
 
     def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
         """The contrastive loss over the pairs of a training forward's output; for any other output (a forward
