@@ -142,6 +142,23 @@ def activation_module(name: str) -> nn.Module:
     raise ValueError(f"activation {name!r}: choose one of {', '.join(ACTIVATIONS)}")
 
 
+def matmul_weight(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A weight about to meet activations `x` in a matmul or convolution. Under autocast it goes as stored
+    (autocast casts it if it must; one stored in the compute dtype by `CLIP.store_matmul_weights` is used as it
+    is); outside autocast it takes `x`'s dtype, so a weight stored in bf16 is widened, exactly."""
+    if weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return weight
+    return weight.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters) whose weights may be stored in another dtype than the activations'."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else matmul_weight(self.bias, x)
+        return F.linear(x, matmul_weight(self.weight, x), bias)
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, returned in the input dtype (as OpenAI's)."""
 
@@ -160,11 +177,11 @@ class MultiheadSelfAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         batch, length, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = F.linear(x, matmul_weight(self.in_proj_weight, x), matmul_weight(self.in_proj_bias, x))
         qkv = qkv.view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
         out = out.transpose(1, 2).reshape(batch, length, width)
@@ -178,9 +195,9 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = MultiheadSelfAttention(width, heads)
         self.ln_2 = LayerNorm(width)
         layers = [
-            ("c_fc", nn.Linear(width, width * 4)),
+            ("c_fc", Linear(width, width * 4)),
             ("gelu", activation_module(activation)),
-            ("c_proj", nn.Linear(width * 4, width)),
+            ("c_proj", Linear(width * 4, width)),
         ]
         self.mlp = nn.Sequential(OrderedDict(layers))
 
@@ -253,7 +270,9 @@ class VisionTransformer(nn.Module):
                 f"image tower expects {self.image_size}x{self.image_size} pixels, got "
                 f"{tuple(pixels.shape[-2:])}; resize with promptclip.clip.transforms.EvalTransform"
             )
-        x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        pixels = pixels.to(self.class_embedding.dtype)  # the tower's own dtype (never stored lower)
+        x = F.conv2d(pixels, matmul_weight(self.conv1.weight, pixels), stride=self.conv1.stride)
+        x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
 
@@ -275,7 +294,8 @@ class VisionTransformer(nn.Module):
             raise ValueError("deep vision prompts replace prompt slots: pass shallow_prompts to create them")
         x = self.ln_pre(x)
         x = self.transformer(x, deep_prompts=deep_prompts, slot_start=x.shape[1] - slot_count)
-        return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)
+        pooled = self.ln_post(x[:, 0])
+        return pooled @ matmul_weight(self.proj, pooled)
 
 
 class Bottleneck(nn.Module):
@@ -320,10 +340,10 @@ class AttentionPool2d(nn.Module):
     def __init__(self, spatial_dim: int, embed_dim: int, heads: int, output_dim: int) -> None:
         super().__init__()
         self.positional_embedding = nn.Parameter(torch.randn(spatial_dim * spatial_dim + 1, embed_dim) / embed_dim**0.5)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.k_proj = Linear(embed_dim, embed_dim)
+        self.q_proj = Linear(embed_dim, embed_dim)
+        self.v_proj = Linear(embed_dim, embed_dim)
+        self.c_proj = Linear(embed_dim, output_dim)
         self.heads = heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -468,17 +488,20 @@ class CLIP(nn.Module):
         deep_prompts: DeepPrompts | None = None,
         prompt_start: int = 1,
         truncate: bool | None = None,
+        text_length: int | None = None,
     ) -> torch.Tensor:
         """Text features from token embeddings [N, L, width] and end-of-text positions [N].
 
         `deep_prompts[j]` ([n, width] or [N, n, width]) replaces positions `prompt_start : prompt_start + n`
         entering layer j. With `truncate` (default: the model's `truncate_text`), the sequence is cut after the
-        last end-of-text position: exact under the causal mask."""
+        last end-of-text position: exact under the causal mask. That position + 1 is `text_length` when the
+        caller knows it; otherwise it is read from `eot_index`, which waits for the device to get there."""
         length = embeddings.shape[1]
         if truncate is None:
             truncate = self.truncate_text
         if truncate:
-            length = min(length, int(eot_index.max()) + 1)
+            last = text_length if text_length is not None else int(eot_index.max()) + 1
+            length = min(length, last)
             if deep_prompts is not None:
                 widest = max((p.shape[-2] for p in deep_prompts if p is not None), default=0)
                 length = max(length, min(embeddings.shape[1], prompt_start + widest))
@@ -486,7 +509,40 @@ class CLIP(nn.Module):
         x = self.transformer(x, causal=True, deep_prompts=deep_prompts, slot_start=prompt_start)
         x = self.ln_final(x)
         rows = torch.arange(x.shape[0], device=x.device)
-        return x[rows, eot_index.to(x.device)] @ self.text_projection.to(x.dtype)
+        pooled = x[rows, eot_index.to(x.device)]
+        return pooled @ matmul_weight(self.text_projection, pooled)
+
+    # -- storage precision ----------------------------------------------------------------------------------
+    def matmul_weights(self) -> list[torch.Tensor]:
+        """The weights that autocast casts to its compute dtype at every call: those of the linear layers and
+        the attention input projections, the patch embedding and the two output projections (not the
+        embeddings, LayerNorms, BatchNorms, the ResNet's convolutions or the logit scale)."""
+        weights: list[torch.Tensor] = [self.text_projection]
+        if isinstance(self.visual, VisionTransformer):
+            weights += [self.visual.conv1.weight, self.visual.proj]
+        for module in self.modules():
+            if isinstance(module, Linear):
+                weights += [p for p in (module.weight, module.bias) if p is not None]
+            elif isinstance(module, MultiheadSelfAttention):
+                weights += [module.in_proj_weight, module.in_proj_bias]
+        return weights
+
+    def store_matmul_weights(self, dtype: torch.dtype) -> int:
+        """Keep the `matmul_weights` in `dtype` (autocast's compute dtype), so that autocast uses them as they
+        are instead of casting every one at every call. Under autocast the features are the same, since autocast
+        rounds the weights to that dtype anyway; outside it the towers compute in fp32 from the rounded weights.
+        Frozen weights only. Returns how many tensors changed."""
+        weights = self.matmul_weights()
+        trained = [p for p in weights if p.requires_grad]
+        if trained:
+            raise ValueError(
+                f"{len(trained)} matmul weights of the CLIP are trained: only a frozen backbone can be stored in "
+                f"{dtype} (trained tensors stay fp32, the optimiser's master copy)"
+            )
+        changed = [p for p in weights if p.dtype != dtype]
+        for param in changed:
+            param.data = param.data.to(dtype)
+        return len(changed)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits image->text and text->image, as OpenAI's CLIP."""

@@ -90,27 +90,34 @@ class DataParallel:
     def average_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
         """Average the gradients of `parameters` over ranks (one all-reduce). A parameter without a gradient
         on every rank keeps none, as in a one-process step; one with a gradient on some ranks counts zeros
-        for the others."""
+        for the others.
+
+        Whether a parameter has a gradient somewhere is counted in the same all-reduce (one flag per
+        parameter). Those counts are read back, which waits for the device, only when this rank lacks a
+        gradient: a parameter with one here has one after the average whatever the other ranks did."""
         if not parameters:
             return
-        flags = torch.tensor([p.grad is not None for p in parameters], dtype=torch.float64)
+        device = self._comm_device
+        missing = [index for index, p in enumerate(parameters) if p.grad is None]
+        flags = torch.ones(len(parameters), dtype=torch.float64, device=device)
+        for index in missing:
+            flags[index] = 0.0
         pieces = [flags] + [
-            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(torch.float64)
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).to(device, torch.float64)
             for p in parameters
         ]
-        flat = self._all_reduce(torch.cat([piece.to(self._comm_device) for piece in pieces]))
+        flat = self._all_reduce(torch.cat(pieces))
         flat /= self.world_size
+        counts = dict(zip(missing, flat[missing].tolist(), strict=True)) if missing else {}
         offset = len(parameters)
         for index, param in enumerate(parameters):
             size = param.numel()
             values = flat[offset : offset + size].view_as(param).to(param.device, param.dtype)
             offset += size
-            if flat[index] == 0:
-                param.grad = None
-            elif param.grad is None:
-                param.grad = values
-            else:
+            if param.grad is not None:
                 param.grad.copy_(values)
+            elif counts[index] > 0:
+                param.grad = values
 
     @torch.no_grad()
     def average_buffers(self, buffers: Iterable[torch.Tensor]) -> None:

@@ -89,20 +89,58 @@ class EvalCounts:
         return cls(list(data["classnames"]), [int(v) for v in data["correct"]], [int(v) for v in data["total"]], cells)
 
 
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype autocast computes in: bf16 or fp16 on CUDA; None (fp32, no autocast) otherwise, and always on
+    CPU."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast for the frozen towers on CUDA only (bf16 or fp16); CPU always runs in fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    dtype = compute_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def store_frozen_towers(learner: Learner, device: torch.device, precision: str) -> int:
+    """Store the matmul weights of every frozen CLIP of `learner` (its backbone, a teacher) in the compute
+    dtype when the run autocasts (CUDA, bf16 or fp16), so that autocast does not cast each of them again at
+    every call; the features are the same, since autocast rounds them to that dtype anyway
+    (`CLIP.store_matmul_weights`). A CLIP with trained matmul weights is left as it is. Returns how many
+    tensors changed."""
+    from promptclip.clip.model import CLIP
+
+    dtype = compute_dtype(device, precision)
+    if dtype is None:
+        return 0
+    clips = {id(module): module for module in learner.modules() if isinstance(module, CLIP)}
+    return sum(
+        clip.store_matmul_weights(dtype)
+        for clip in clips.values()
+        if not any(p.requires_grad for p in clip.matmul_weights())
+    )
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors of a batch on `device`; other entries (paths) unchanged."""
     return {
-        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        key: value.to(device, non_blocking=copies_without_waiting(value, device))
+        if isinstance(value, torch.Tensor)
+        else value
         for key, value in batch.items()
     }
+
+
+def copies_without_waiting(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether moving `tensor` to `device` may return before the copy is done (`non_blocking`): from the host
+    to a GPU. The copy is queued on the GPU's stream ahead of the kernels that read it; from pinned memory (the
+    loaders pin their batches when the run is on a GPU) it overlaps with the host's work, and from pageable
+    memory CUDA stages the data before returning, so the host never waits for the GPU either way. A copy to
+    the host waits: its values are read as soon as it returns."""
+    return tensor.device.type == "cpu" and device.type == "cuda"
 
 
 def progress_enabled(requested: bool | None) -> bool:
@@ -132,10 +170,12 @@ def evaluate(
     if classnames is not None and list(classnames) != list(learner.classnames):
         learner.set_classnames(classnames)
     device = torch.device(device) if device is not None else next(learner.parameters()).device
+    store_frozen_towers(learner, device, precision)
     names = list(learner.classnames)
     num_classes = len(names)
-    # Rows: true class, columns: predicted class; correct and total are its diagonal and row sums.
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long)
+    # Rows: true class, columns: predicted class; correct and total are its diagonal and row sums. It stays on
+    # the device until the end, so no batch waits for the one before it.
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     store = image_features if image_features is not None and learner.cacheable_image_features else None
     batches: Iterable[Mapping[str, Any]] = loader
     if store is not None:
@@ -148,19 +188,19 @@ def evaluate(
         with torch.no_grad(), stop.safe_points():
             for batch in _iterate(batches, progress, desc):
                 stop.check()
+                _check_labels(batch["label"], num_classes)  # on the host, as the loader gave them
                 batch = move_batch(batch, device)
                 with autocast_context(device, precision):
                     logits = _logits(learner, batch, store)
                 labels = batch["label"].to(torch.long)
-                _check_labels(labels, num_classes)
                 predicted = logits.float().argmax(dim=-1)
-                cells = (labels * num_classes + predicted).cpu()
+                cells = labels * num_classes + predicted
                 confusion += torch.bincount(cells, minlength=num_classes * num_classes)
     finally:
         learner.train(was_training)
     if data_parallel is not None:
         (confusion,) = data_parallel.sum_counts(confusion)
-    return EvalCounts.from_confusion(names, confusion.view(num_classes, num_classes))
+    return EvalCounts.from_confusion(names, confusion.cpu().view(num_classes, num_classes))
 
 
 def _logits(learner: Learner, batch: Mapping[str, Any], store: ImageFeatureStore | None) -> torch.Tensor:
@@ -183,6 +223,7 @@ def _iterate(loader: Iterable[Mapping[str, Any]], progress: bool | None, desc: s
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    labels = torch.as_tensor(labels)
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
             f"label {int(labels.max())} is outside the {num_classes} classes being evaluated; the loader and "
@@ -196,6 +237,7 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Softmax over the learner's classes for a batch of preprocessed images [B, 3, H, W] -> [B, C]."""
     device = torch.device(device) if device is not None else next(learner.parameters()).device
+    store_frozen_towers(learner, device, precision)
     was_training = learner.training
     learner.eval()
     try:

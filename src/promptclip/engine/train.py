@@ -6,8 +6,10 @@ the number of micro-batches in the accumulation group, backward (through a GradS
 gradient clipping, step. Per epoch: the learning rate of the warm-up + cosine rule, `on_epoch_end`, one line
 in `metrics.jsonl`, a checkpoint of everything a resumed run needs, then the epoch callbacks.
 
-A non-finite loss stops the run with the epoch, the batch and the step named; the checkpoint of the last
-finished epoch stays as it was.
+A step never waits for the device: the loss terms stay on it and are read back every `log_every` batches and
+at the end of the epoch (one read each time), which is also when non-finite losses are looked for. A
+non-finite loss stops the run with the epoch, the batch and the step where it first appeared; the checkpoint
+of the last finished epoch stays as it was.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from promptclip.engine.checkpoint import (
     save_checkpoint,
 )
 from promptclip.engine.distributed import DataParallel
-from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled
+from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled, store_frozen_towers
 from promptclip.engine.learner import Learner
 from promptclip.engine.optim import WarmupCosineSchedule, build_optimizer, parameter_groups
 from promptclip.faults import fault_point
@@ -46,7 +48,8 @@ LOG_FILE = "log.txt"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the optimiser step."""
+    """The loss became NaN or infinite; training stopped at the next read of the losses, before the epoch's
+    checkpoint."""
 
     def __init__(
         self,
@@ -74,6 +77,69 @@ class NonFiniteLossError(RuntimeError):
             f"non-finite loss at epoch {epoch + 1}, batch {batch_index} (optimiser step {step}): {shown}{where}; "
             f"{kept}. Lower optim.lr, set optim.max_grad_norm, or use model.precision fp32/bf16 instead of fp16."
         )
+
+
+LOG_EVERY = 25
+"""Batches between two reads of the loss terms from the device (progress bar, non-finite check)."""
+
+
+@dataclass(frozen=True)
+class BatchPlace:
+    """Where a micro-batch was trained: named by a non-finite loss found later."""
+
+    epoch: int
+    batch_index: int
+    step: int
+    paths: Sequence[str] = ()
+
+
+class LossTally:
+    """The loss terms of an epoch's micro-batches, summed on the device.
+
+    Reading a device value back makes the host wait for every step queued before it, so the terms are read
+    only by `read()`: once per logging interval and at the end of the epoch. Each read also looks for a
+    non-finite loss among the batches added since the last one (a NaN or infinity in any term reaches the sum
+    and stays there), and names the first such batch."""
+
+    def __init__(self, checkpoint: Path | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self._unread: list[tuple[BatchPlace, dict[str, torch.Tensor]]] = []
+
+    @property
+    def unread(self) -> int:
+        """Batches added since the last read."""
+        return len(self._unread)
+
+    def add(self, terms: dict[str, torch.Tensor], place: BatchPlace, weight: float = 1.0) -> None:
+        """One micro-batch's detached terms (with their sum as `loss`); `weight` scales its share of the sums."""
+        for name, value in terms.items():
+            share = value * weight if weight != 1.0 else value
+            self.sums[name] = self.sums[name] + share if name in self.sums else share
+        self.count += 1
+        self._unread.append((place, terms))
+
+    def read(self) -> dict[str, float]:
+        """The sum of each term so far; raises `NonFiniteLossError` for the first non-finite batch."""
+        names = list(self.sums)
+        values = dict(zip(names, torch.stack([self.sums[n] for n in names]).tolist(), strict=True))
+        if not math.isfinite(values["loss"]):
+            self.raise_first_non_finite()
+        self._unread.clear()
+        return values
+
+    def raise_first_non_finite(self) -> None:
+        """Raise `NonFiniteLossError` for the first unread batch whose loss is not finite, if there is one."""
+        if not self._unread:
+            return
+        losses = torch.stack([terms["loss"] for _, terms in self._unread]).tolist()
+        for (place, terms), loss in zip(self._unread, losses, strict=True):
+            if not math.isfinite(loss):
+                values = {name: float(value) for name, value in terms.items()}
+                raise NonFiniteLossError(
+                    place.epoch, place.batch_index, place.step, values, place.paths, self.checkpoint
+                )
 
 
 # A trained tensor whose largest magnitude grows past this many times its starting scale (at least 1) has
@@ -204,11 +270,15 @@ class Trainer:
         callbacks: Sequence[EpochCallback] = (),
         generators: Mapping[str, torch.Generator] | None = None,
         data_parallel: DataParallel | None = None,
+        log_every: int = LOG_EVERY,
     ) -> None:
         if optim.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be at least 1, got {optim.grad_accum}")
         if optim.epochs < 1:
             raise ValueError(f"optim.epochs must be at least 1, got {optim.epochs}")
+        if log_every < 1:
+            raise ValueError(f"log_every must be at least 1 batch, got {log_every}")
+        self.log_every = log_every
         self.learner = learner
         self.loader = loader
         self.cfg = optim
@@ -224,17 +294,15 @@ class Trainer:
         self.data_parallel = data_parallel
         self.is_main = data_parallel is None or data_parallel.is_main
         learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
+        store_frozen_towers(learner, self.device, precision)
         trainable = learner.trainable_parameters()
         self.parameters = list(trainable.values())
-        self._divergence_limit = DIVERGENCE_FACTOR * max(
-            [1.0, *(float(p.detach().abs().max()) for p in self.parameters if p.numel())]
-        )
+        self._divergence_limit = DIVERGENCE_FACTOR * max([1.0, *largest_magnitudes(self.parameters).values()])
         scales = learner.learning_rate_scales()
         # Without scales, one plain group: the optimiser state of every earlier checkpoint loads unchanged.
         self.optimizer = build_optimizer(parameter_groups(trainable, scales) if scales else self.parameters, optim)
         self.schedule = WarmupCosineSchedule(self.optimizer, optim)
-        use_scaler = self.device.type == "cuda" and precision == "fp16"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = grad_scaler(self.device, precision)
         self.epoch = 0  # finished epochs
         self._keep_previous = False  # whether last.pt on disk is this run's own (kept as previous.pt)
         self.global_step = 0
@@ -338,8 +406,7 @@ class Trainer:
             self.loader.set_epoch(epoch)
         lr = self.schedule.get_last_lr()[0]
         num_batches = len(self.loader) if hasattr(self.loader, "__len__") else None  # type: ignore[arg-type]
-        sums: dict[str, float] = {}
-        count = 0
+        tally = LossTally(self.checkpoint_file)
         started = time.perf_counter()
         bar = tqdm(
             total=num_batches,
@@ -350,21 +417,29 @@ class Trainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         with bar:
-            for index, batch, group_size, closes_group in self._micro_batches(num_batches):
-                terms = self._backward(epoch, index, batch, group_size)
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                count += 1
-                if closes_group:
-                    self._optimizer_step()
-                    stop.check(self.epoch, self.cfg.epochs)
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
+            try:
+                for index, batch, group_size, closes_group in self._micro_batches(num_batches):
+                    terms, weight = self._backward(batch, group_size)
+                    tally.add(terms, BatchPlace(epoch, index, self.global_step, batch.get("path") or ()), weight)
+                    if closes_group:
+                        self._optimizer_step()
+                        stop.check(self.epoch, self.cfg.epochs)
+                    bar.update(1)
+                    if tally.unread >= self.log_every:
+                        bar.set_postfix(loss=f"{tally.read()['loss'] / tally.count:.4f}", refresh=False)
+            except NonFiniteLossError:
+                raise
+            except Exception:
+                # A NaN can make a later step fail in its own way: name the NaN, the cause, first.
+                tally.raise_first_non_finite()
+                raise
+        count = tally.count
         if count == 0:
             raise ValueError(
                 "the training loader gave no batches; the training set is smaller than one batch with "
                 "drop_last, or empty (check data.shots, data.subsample and data.batch_size)"
             )
+        sums = tally.read()
         self.learner.on_epoch_end(epoch, self.cfg.epochs)
         if self.data_parallel is not None:  # the epoch's loss over the whole batches, not this rank's share
             sums = self.data_parallel.mean_over_ranks(sums)
@@ -391,7 +466,9 @@ class Trainer:
             current = following
             index += 1
 
-    def _backward(self, epoch: int, index: int, batch: Mapping[str, Any], group_size: int) -> dict[str, float]:
+    def _backward(self, batch: Mapping[str, Any], group_size: int) -> tuple[dict[str, torch.Tensor], float]:
+        """Forward, loss and backward of one micro-batch: its detached fp32 loss terms (and their sum, `loss`),
+        still on the device, and the weight of its share of the batch (data-parallel ranks)."""
         batch = move_batch(batch, self.device)
         with autocast_context(self.device, self.precision):
             output = self.learner(batch)
@@ -399,22 +476,18 @@ class Trainer:
         if not terms:
             raise ValueError(f"{type(self.learner).__name__}.loss returned no loss terms")
         loss = torch.stack([value.float() for value in terms.values()]).sum()
-        values = {name: float(value.detach()) for name, value in terms.items()}
-        values["loss"] = float(loss.detach())
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLossError(
-                epoch, index, self.global_step, values, batch.get("path") or (), self.checkpoint_file
-            )
+        values = {name: value.detach().float() for name, value in terms.items()}
+        values["loss"] = loss.detach()
         scaled = loss / group_size
+        weight = 1.0
         if self.data_parallel is not None:  # this rank's share of the batch, weighted by its size
             weight = self.data_parallel.loss_weight(batch)
             scaled = scaled * weight
-            values = {name: value * weight for name, value in values.items()}  # averaged over ranks per epoch
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        return values
+        return values, weight
 
     def _optimizer_step(self) -> None:
         if self.data_parallel is not None:
@@ -435,11 +508,8 @@ class Trainer:
         fault_point("after_step")
 
     def _check_divergence(self) -> None:
-        """Stop a run whose trained tensors are non-finite or exploding (checked once per epoch: one host sync)."""
-        for name, param in self.learner.trainable_parameters().items():
-            if not param.numel():
-                continue
-            magnitude = float(param.detach().abs().max())
+        """Stop a run whose trained tensors are non-finite or exploding (checked once per epoch: one read)."""
+        for name, magnitude in largest_magnitudes(self.learner.trainable_parameters()).items():
             if not math.isfinite(magnitude) or magnitude > self._divergence_limit:
                 raise DivergedError(self.epoch + 1, name, magnitude, self._divergence_limit, self.cfg.lr)
 
@@ -473,6 +543,24 @@ def train(
 ) -> TrainResult:
     """Train `learner` with the options of `Trainer`; see there."""
     return Trainer(learner, loader, optim, **options).fit(resume=resume)
+
+
+def largest_magnitudes(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> dict[Any, float]:
+    """The largest |x| of each non-empty tensor (by name, or by position for a sequence), read from the
+    device at once."""
+    named = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors)
+    kept = [(key, tensor) for key, tensor in named if tensor.numel()]
+    if not kept:
+        return {}
+    maxima = torch.stack([tensor.detach().abs().max().float() for _, tensor in kept]).tolist()
+    return {key: value for (key, _), value in zip(kept, maxima, strict=True)}
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 autocast on CUDA (bf16 and fp32 keep fp32's exponent range and need none)."""
+    if device.type == "cuda" and precision == "fp16":
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 def _open_tensorboard(run_dir: Path | None) -> Any:

@@ -377,8 +377,11 @@ class PromptModel(nn.Module):
 
 
 def scaled_cosine_logits(scale: torch.Tensor, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """`scale * image @ text.T` in fp32 even under autocast: near 100 * cos, bf16 logits would be coarse."""
+    """`scale * image @ text.T` in fp32 even under autocast: near 100 * cos, bf16 logits would be coarse.
+    `text` is [C, D], or [B, C, D] per-image class features (CoCoOp), each image then scored against its own."""
     with torch.autocast(device_type=image.device.type, enabled=False):
+        if text.dim() == 3:
+            return scale.float() * torch.einsum("bd,bcd->bc", image.float(), text.float())
         return scale.float() * image.float() @ text.float().t()
 
 

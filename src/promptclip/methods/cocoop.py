@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from promptclip.clip.model import CLIP, ArchConfig
-from promptclip.methods.base import Batch, LearnerOutput
+from promptclip.methods.base import Batch, LearnerOutput, scaled_cosine_logits
 from promptclip.methods.coop import CoOp
 from promptclip.methods.prompting import PromptParts, TextEncodingConfig, assemble_prompts, encode_prompt_embeddings
 from promptclip.registry import METHODS
@@ -69,9 +69,10 @@ def build_meta_net(in_width: int, hidden: int, out_width: int) -> nn.Sequential:
 def trim_parts(parts: PromptParts) -> PromptParts:
     """Drop the padding after the class set's last end-of-text token: the causal text tower never reads it,
     and per-image prompts would otherwise copy it B x C times."""
-    length = int(parts.eot_index.max()) + 1
-    keep = max(0, length - 1 - parts.n_ctx)
-    return PromptParts(parts.prefix, parts.suffix[:, :keep], parts.eot_index, parts.name_lens, parts.n_ctx)
+    keep = max(0, parts.length - 1 - parts.n_ctx)
+    return PromptParts(
+        parts.prefix, parts.suffix[:, :keep], parts.eot_index, parts.name_lens, parts.n_ctx, parts.length
+    )
 
 
 def tile_parts(parts: PromptParts, times: int) -> PromptParts:
@@ -82,6 +83,7 @@ def tile_parts(parts: PromptParts, times: int) -> PromptParts:
         parts.eot_index.repeat(times),
         parts.name_lens * times,
         parts.n_ctx,
+        parts.length,
     )
 
 
@@ -123,7 +125,12 @@ class CoCoOp(CoOp):
             embeddings = assemble_prompts(rows, row_ctx, self.cfg.class_token_position)
             features.append(
                 encode_prompt_embeddings(
-                    self.clip, embeddings, rows.eot_index, chunk_size=chunk, checkpoint=self.cfg.text_checkpoint
+                    self.clip,
+                    embeddings,
+                    rows.eot_index,
+                    chunk_size=chunk,
+                    checkpoint=self.cfg.text_checkpoint,
+                    text_length=rows.length,
                 )
             )
         return torch.cat(features).view(len(contexts), count, -1)
@@ -131,5 +138,4 @@ class CoCoOp(CoOp):
     def forward(self, batch: Batch) -> LearnerOutput:
         image = self.image_features(batch["image"])
         text = self.conditional_text_features(image)
-        logits = self.logit_scale * torch.einsum("bd,bcd->bc", image, text)
-        return LearnerOutput(logits, image, text)
+        return LearnerOutput(scaled_cosine_logits(self.logit_scale, image, text), image, text)

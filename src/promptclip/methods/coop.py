@@ -107,4 +107,5 @@ class CoOp(PromptModel):
             parts.eot_index,
             chunk_size=self.cfg.text_chunk_size,
             checkpoint=self.cfg.text_checkpoint,
+            text_length=parts.length,
         )

@@ -33,6 +33,7 @@ from promptclip.methods.prompting import (
     context_init_from_text,
     encode_prompt_embeddings,
     encode_templates,
+    end_of_text,
 )
 from promptclip.registry import METHODS
 
@@ -174,6 +175,7 @@ def context_prompt_parts(clip: CLIP, names: Sequence[str], n_ctx: int, ctx_init:
     leave "of a" in place)."""
     lead = ctx_init if ctx_init else " ".join([PLACEHOLDER] * n_ctx)
     tokens = tokenize([f"{lead} {name}." for name in names], context_length=clip.context_length, names=names)
+    eot_index, length = end_of_text(tokens)
     tokens = tokens.to(clip.token_embedding.weight.device)
     with torch.no_grad():
         embeddings = clip.token_embedding(tokens).float()
@@ -181,9 +183,10 @@ def context_prompt_parts(clip: CLIP, names: Sequence[str], n_ctx: int, ctx_init:
     return PromptParts(
         prefix=embeddings[:, :1].clone(),
         suffix=embeddings[:, 1 + n_ctx :].clone(),
-        eot_index=tokens.argmax(dim=-1),
+        eot_index=eot_index.to(tokens.device),
         name_lens=[len(tokenizer.encode(name)) for name in names],
         n_ctx=n_ctx,
+        length=length,
     )
 
 
@@ -242,6 +245,7 @@ class DeepPromptModel(PromptModel):
             self.text.deep_prompts(),
             chunk_size=self._chunk_size(),
             checkpoint=self._checkpoint(),
+            text_length=parts.length,
         )
 
     def encode_sentences(self, sentences: Sequence[str]) -> torch.Tensor:
@@ -249,6 +253,7 @@ class DeepPromptModel(PromptModel):
         prompts: layer 0 reads the sentence's own tokens, layers 1..depth-1 get the learned prompts in
         positions 1..n_ctx, as in every prompted sequence."""
         tokens = tokenize(list(sentences), context_length=self.clip.context_length)
+        eot_index, length = end_of_text(tokens)
         tokens = tokens.to(self.clip.token_embedding.weight.device)
         if self.text is None:
             with torch.no_grad():
@@ -258,10 +263,11 @@ class DeepPromptModel(PromptModel):
         return encode_prompt_embeddings(
             self.clip,
             embeddings,
-            tokens.argmax(dim=-1),
+            eot_index.to(tokens.device),
             self.text.deep_prompts(),
             chunk_size=self._chunk_size(),
             checkpoint=self._checkpoint(),
+            text_length=length,
         )
 
     def text_features(self) -> torch.Tensor:

@@ -44,11 +44,26 @@ class PromptParts:
     eot_index: torch.Tensor  # [C]
     name_lens: list[int]
     n_ctx: int
+    length: int
+    """The last end-of-text position + 1, known on the host: the text tower is cut there without reading
+    `eot_index` back from the device."""
 
     def to(self, device: torch.device | str) -> PromptParts:
         return PromptParts(
-            self.prefix.to(device), self.suffix.to(device), self.eot_index.to(device), self.name_lens, self.n_ctx
+            self.prefix.to(device),
+            self.suffix.to(device),
+            self.eot_index.to(device),
+            self.name_lens,
+            self.n_ctx,
+            self.length,
         )
+
+
+def end_of_text(tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """End-of-text positions [N] of token ids [N, L] (the end-of-text id is the vocabulary's largest) and the
+    last of them + 1, read while the ids are still on the host."""
+    eot_index = tokens.argmax(dim=-1)
+    return eot_index, int(eot_index.max()) + 1 if len(eot_index) else 0
 
 
 def context_init_from_text(clip: CLIP, text: str) -> torch.Tensor:
@@ -67,6 +82,7 @@ def build_prompt_parts(clip: CLIP, classnames: Sequence[str], n_ctx: int, suffix
     placeholder = " ".join([PLACEHOLDER] * n_ctx)
     texts = [f"{placeholder} {suffix.format(name)}".strip() for name in classnames]
     tokens = tokenize(texts, context_length=clip.context_length, names=classnames)
+    eot_index, length = end_of_text(tokens)
     tokens = tokens.to(clip.token_embedding.weight.device)
     with torch.no_grad():
         embeddings = clip.token_embedding(tokens).float()
@@ -74,9 +90,10 @@ def build_prompt_parts(clip: CLIP, classnames: Sequence[str], n_ctx: int, suffix
     return PromptParts(
         prefix=embeddings[:, :1].clone(),
         suffix=embeddings[:, 1 + n_ctx :].clone(),
-        eot_index=tokens.argmax(dim=-1),
+        eot_index=eot_index.to(tokens.device),
         name_lens=name_lens,
         n_ctx=n_ctx,
+        length=length,
     )
 
 
@@ -113,20 +130,29 @@ def encode_prompt_embeddings(
     deep_prompts: DeepPrompts | None = None,
     chunk_size: int | None = None,
     checkpoint: bool = False,
+    text_length: int | None = None,
 ) -> torch.Tensor:
     """Normalised text features of prompt embeddings [N, L, W], optionally in chunks of rows.
 
     Chunks bound the activations of a pass without autograd. In training, autograd keeps every chunk's
     activations for the backward pass, so `checkpoint` also recomputes each chunk there instead of keeping
     it: memory then grows with the chunk size instead of the class count, for about one more text forward
-    pass; the gradients are the same."""
+    pass; the gradients are the same. `text_length` (`PromptParts.length`) cuts every chunk after the last
+    end-of-text position of all rows, without reading `eot_index` back from the device."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"text_chunk_size must be at least 1 (or null), got {chunk_size}")
     if chunk_size is None or embeddings.shape[0] <= chunk_size:
-        features = _encode_rows(clip, embeddings, eot_index, deep_prompts, checkpoint)
+        features = _encode_rows(clip, embeddings, eot_index, deep_prompts, checkpoint, text_length)
         return F.normalize(features.float(), dim=-1)
     chunks = [
-        _encode_rows(clip, embeddings[i : i + chunk_size], eot_index[i : i + chunk_size], deep_prompts, checkpoint)
+        _encode_rows(
+            clip,
+            embeddings[i : i + chunk_size],
+            eot_index[i : i + chunk_size],
+            deep_prompts,
+            checkpoint,
+            text_length,
+        )
         for i in range(0, embeddings.shape[0], chunk_size)
     ]
     return F.normalize(torch.cat(chunks).float(), dim=-1)
@@ -138,15 +164,21 @@ def _encode_rows(
     eot_index: torch.Tensor,
     deep_prompts: DeepPrompts | None,
     checkpoint: bool,
+    text_length: int | None,
 ) -> torch.Tensor:
     """One text pass; with `checkpoint` (and a gradient to compute), its activations are recomputed in the
     backward pass instead of kept."""
     inputs = [embeddings, *(p for p in deep_prompts or () if p is not None)]
     if checkpoint and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return torch.utils.checkpoint.checkpoint(
-            clip.encode_text_embeddings, embeddings, eot_index, deep_prompts, use_reentrant=False
+            clip.encode_text_embeddings,
+            embeddings,
+            eot_index,
+            deep_prompts,
+            text_length=text_length,
+            use_reentrant=False,
         )
-    return clip.encode_text_embeddings(embeddings, eot_index, deep_prompts)
+    return clip.encode_text_embeddings(embeddings, eot_index, deep_prompts, text_length=text_length)
 
 
 def encode_templates(
