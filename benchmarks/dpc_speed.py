@@ -6,8 +6,10 @@
 * **Pictures**: the negatives' pictures are picked, cropped, resized and flipped in worker processes
   (`PluginContext.num_workers`, the run's `data.num_workers`), the main process only sending (class, seed)
   requests and normalising the 8-bit result on the model's device; the naive path
-  (`dpc_pictures_in_main_process`) renders them in the main process. Drawing one step's negatives, timed in
-  main-process CPU time (what the training loop itself spends) and in wall time, for 500 x 375 pictures.
+  (`dpc_pictures_in_main_process`) renders them in the main process. Drawing one step's negatives (choosing
+  them and rendering their 8-bit pixels; the normalisation that follows runs on the model's device, the same
+  in both paths), timed in main-process CPU time (what the training loop itself spends) and in wall time,
+  for 500 x 375 pictures.
 
 Both paths of a pair give the same numbers (tests/test_dpc_speed.py). The two paths are timed in turns and
 the medians compared; only ratios are written (to BENCHMARKS.md, section `dpc-speed-cpu`), as the machine's
@@ -156,7 +158,7 @@ def picture_rows(args: argparse.Namespace) -> list[str]:
         scores = torch.randn(batch_size, num_classes, generator=torch.Generator().manual_seed(3))
 
         def draw(learner: DPC = learner, scores: torch.Tensor = scores, batch: dict[str, Any] = batch) -> None:
-            learner.draw_negatives(scores, batch["label"]).images()
+            learner.draw_negatives(scores, batch["label"])  # normalised afterwards, on the model's device
 
         def naive(learner: DPC = learner, draw: Callable[[], None] = draw) -> None:
             with dpc_pictures_in_main_process(learner):
@@ -167,7 +169,7 @@ def picture_rows(args: argparse.Namespace) -> list[str]:
             ratio = times["naive"][index] / times["ours"][index]
             naive_ms, ours_ms = 1000 * times["naive"][index], 1000 * times["ours"][index]
             rows.append(
-                f"| negatives' pictures in {args.workers} worker processes, batch {batch_size} "
+                f"| drawing the negatives with {args.workers} picture worker processes, batch {batch_size} "
                 f"({naive_ms:.0f} -> {ours_ms:.0f} ms) | {clock} | {ratio:.2f}x |"
             )
         workers = learner.picture_workers()
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`{command.strip()}` on {machine_description()}. Ratio naive / promptclip of median times "
             f"({args.repeats} repeats, interleaved); both paths give the same numbers (tests/test_dpc_speed.py). "
             f"ViT-B/16 widths with {args.layers} layers per tower, {args.classes} classes, K = {args.top_k}; "
-            "pictures 500 x 375.",
+            "pictures 500 x 375; drawing the negatives = choosing them and rendering their 8-bit pixels.",
             "",
             "| path | clock | speed-up |",
             "| --- | --- | ---: |",

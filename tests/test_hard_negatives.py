@@ -3,14 +3,19 @@ picture library."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from dpc_cases import NoiseReader, picture_splits
+from PIL import Image
 
 from promptclip.data.datasets.base import Datum
+from promptclip.plugins import hard_negatives
 from promptclip.plugins.hard_negatives import (
     PictureLibrary,
+    PictureWorkers,
     contrastive_logits,
     rank_candidates,
     select_negatives,
@@ -167,3 +172,28 @@ def test_library_refuses_labels_outside_the_training_classes() -> None:
     splits = splits.replace(train=[*splits.train, Datum("train/x", 5, "x")])
     with pytest.raises(ValueError, match="outside"):
         PictureLibrary.from_splits(splits, image_size=16)
+
+
+class DyingReader(NoiseReader):
+    """Reads pictures in the process that built it; any other process (a picture worker) dies on its read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner = os.getpid()
+
+    def load_image(self, datum: Datum) -> Image.Image:
+        if os.getpid() != self.owner:
+            os._exit(1)
+        return super().load_image(datum)
+
+
+def test_a_picture_worker_that_dies_stops_the_draw_with_the_fix(monkeypatch) -> None:
+    splits = picture_splits(["a", "b"]).replace(reader=DyingReader())
+    library = PictureLibrary.from_splits(splits, image_size=16, preload=False)  # read in the worker
+    monkeypatch.setattr(hard_negatives, "RENDER_TIMEOUT_S", 5)
+    workers = PictureWorkers(library, 1)
+    try:
+        with pytest.raises(RuntimeError, match=r"data\.num_workers 0"):
+            workers.render(library.requests([0, 1]))
+    finally:
+        workers.close()

@@ -40,6 +40,7 @@ from promptclip.methods.base import scaled_cosine_logits
 
 PRELOAD_MAX_IMAGES = 2000  # a few-shot library is decoded once; a full split is read per draw
 _SEED_BOUND = 2**62  # per-picture seeds are drawn below this
+RENDER_TIMEOUT_S = 600  # a step's pictures take well under a second per worker; far beyond: a lost worker
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -298,7 +299,15 @@ class PictureWorkers:
 
     def render(self, requests: Sequence[PictureRequest]) -> list[tuple[np.ndarray, str]]:
         chunk = max(1, math.ceil(len(requests) / self.workers))
-        return self._pool.map(_render_in_worker, list(requests), chunksize=chunk)
+        pending = self._pool.map_async(_render_in_worker, list(requests), chunksize=chunk)
+        try:
+            return pending.get(timeout=RENDER_TIMEOUT_S)
+        except multiprocessing.TimeoutError:
+            # A worker that died (killed for memory, say) loses its pictures: stop instead of waiting forever.
+            raise RuntimeError(
+                f"dpc: the picture workers rendered no pictures in {RENDER_TIMEOUT_S} s (did a worker process "
+                "die?); set data.num_workers 0 to render them in the main process"
+            ) from None
 
     def close(self) -> None:
         self._finalizer()
