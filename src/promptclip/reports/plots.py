@@ -319,8 +319,9 @@ def draw_plugin_bars(panels: Sequence[BarPanel], title: str, path: Path) -> Path
         for b in range(count):
             bars = [group.bars[b] for group in panel.groups]
             positions = [i + (b - (count - 1) / 2) * width for i in range(len(panel.groups))]
-            axes.bar(positions, [bar.value or 0.0 for bar in bars], width=width, yerr=[bar.error for bar in bars],
-                     capsize=2, label=bars[0].series)  # fmt: skip
+            drawn = axes.bar(positions, [bar.value or 0.0 for bar in bars], width=width,
+                             yerr=[bar.error for bar in bars], capsize=2, label=bars[0].series)  # fmt: skip
+            axes.bar_label(drawn, labels=[_value_label(bar.value) for bar in bars], fontsize="x-small", padding=2)
         axes.set_xticks(range(len(panel.groups)))
         axes.set_xticklabels([group.label for group in panel.groups], rotation=20, ha="right")
         axes.set_title(panel.title)
@@ -331,6 +332,10 @@ def draw_plugin_bars(panels: Sequence[BarPanel], title: str, path: Path) -> Path
     figure.suptitle(title)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def _value_label(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def _curve_axes(axes: Any, panel: CurvePanel) -> None:
