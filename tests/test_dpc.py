@@ -368,7 +368,7 @@ def test_compat_released_promptkd_ranks_with_the_untuned_teacher_context(clip, t
 
 def test_compat_and_new_mix_values_are_checked(clip) -> None:
     with pytest.raises(
-        ConfigError, match=r"plugins\.dpc\.compat: 'official' is not allowed; choose one of none, released"
+        ConfigError, match=r"plugins\.dpc\.compat: 'official' is not allowed; choose one of default, released"
     ):
         build_dpc(clip, "coop", compat="official")
     with pytest.raises(ConfigError, match=r"plugins\.dpc\.compat: released .* weighting 'mixed'"):
@@ -602,7 +602,7 @@ def test_official_recipes_hold_the_published_settings_and_a_matching_stage1() ->
             omega_b,
         ), name
         assert cfg.data.shots == 16 and cfg.optim.warmup_lr == 1e-5 and dpc.weighting == "reparam"
-        assert dpc.compat == "none", name
+        assert dpc.compat == "default", name
         # The official PromptKD+DPC mixes only the student's prompts for new classes; its cross-dataset recipe
         # applies every tuned tensor as it is (omega_n 1).
         official_mix = ["vision.*"] if name.startswith("promptkd_dpc") and "cross" not in name else ["*"]

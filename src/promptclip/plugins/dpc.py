@@ -83,7 +83,7 @@ from promptclip.registry import PLUGINS
 
 STAGE1_PREFIX = "stage1."
 _NEGATIVE_STREAM = 11  # derived-seed stream of the negative draws (the loader uses 1-4)
-COMPAT_MODES = ("none", "released")
+COMPAT_MODES = ("default", "released")  # the names DAPT uses too
 
 
 @dataclass
@@ -97,8 +97,8 @@ class DPCConfig:
     weighting: Literal["reparam", "mixed"] = "reparam"
     """reparam: the official code's formula (train theta, run P' = P + (theta - P) / omega_b); mixed: the
     paper's figure (train P', run P + omega_b (P' - P))."""
-    compat: Literal["none", "released"] = "none"
-    """none: the formula as written, P frozen. released: the released code as it runs, theta sharing P's
+    compat: Literal["default", "released"] = "default"
+    """default: the formula as written, P frozen. released: the released code as it runs, theta sharing P's
     storage, so P moves with theta and P' = theta (step lr / omega_b, weight decay toward 0); weighted tensors
     added by `also_tune` rank with their untuned values (the released PromptKD sampler). See docs/dpc.md."""
     top_k: int = 8
@@ -143,13 +143,13 @@ def check_dpc_config(cfg: DPCConfig) -> None:
         raise ConfigError(f"plugins.dpc.min_negatives: must be >= 0, got {cfg.min_negatives}")
     if cfg.compat not in COMPAT_MODES:
         raise ConfigError(
-            f"plugins.dpc.compat: {cfg.compat!r} is not allowed; choose one of {', '.join(COMPAT_MODES)} (none: "
+            f"plugins.dpc.compat: {cfg.compat!r} is not allowed; choose one of {', '.join(COMPAT_MODES)} (default: "
             "the weighting formula as written; released: the released code's shared theta and P)"
         )
     if cfg.compat == "released" and cfg.weighting != "reparam":
         raise ConfigError(
             f"plugins.dpc.compat: released reproduces the released code's reparam weighting, not weighting "
-            f"{cfg.weighting!r}; set plugins.dpc.weighting to reparam or compat to none"
+            f"{cfg.weighting!r}; set plugins.dpc.weighting to reparam or compat to default"
         )
 
 
@@ -566,7 +566,7 @@ def untuned_values(inner: PromptModel, names: Sequence[str]) -> dict[str, torch.
         if not torch.equal(fresh[0], fresh[1]):
             raise ConfigError(
                 f"plugins.dpc.compat: released ranks with the untuned value of {name}, but {owner.name} starts it "
-                "at random; give it initial words (ctx_init) or set compat to none"
+                "at random; give it initial words (ctx_init) or set compat to default"
             )
         values[name] = fresh[0]
     return values
