@@ -31,7 +31,7 @@ def _zero_shot_accuracy(task_name: str) -> dict[str, float]:
     from promptclip.pretraining.batches import images_to_pixels
 
     clip = load_clip("tiny-synthetic")
-    task = synthetic.build_task(task_name, train_per_class=1, val_per_class=0, test_per_class=32)
+    task = synthetic.build_task(task_name, train_per_class=1, val_per_class=0, test_per_class=16)
     halves = {
         "base": range((len(task.classnames) + 1) // 2),
         "new": range((len(task.classnames) + 1) // 2, len(task.classnames)),
@@ -50,16 +50,23 @@ def _zero_shot_accuracy(task_name: str) -> dict[str, float]:
     return accuracy
 
 
-@pytest.mark.parametrize("task", [*STYLE_TASKS, SPURIOUS_TASK])
+@pytest.mark.parametrize("task", STYLE_TASKS)
 def test_demo_world_leaves_room_above_zero_shot(task: str) -> None:
-    from promptclip.data import synthetic
-
-    classes = len(synthetic.build_task(task, train_per_class=1, val_per_class=0, test_per_class=1).classnames)
-    chance = 100.0 / (classes // 2)
+    # 15 classes per half: chance is 6.7%. Measured on the shipped model: 59-78% (docs/tiny-clip.md).
     accuracy = _zero_shot_accuracy(task)
     for half, value in accuracy.items():
-        assert value >= 2 * chance, (half, accuracy)  # the model knows the kinds' names
-        assert value <= 85.0, (half, accuracy)  # and leaves room for few-shot tuning
+        assert value >= 5 * 100.0 / 15, (half, accuracy)  # the model knows the kinds' names
+        assert value <= 85.0, (half, accuracy)  # and the style leaves room for few-shot tuning
+
+
+def test_the_misleading_backgrounds_point_to_a_wrong_class_and_the_kinds_are_known() -> None:
+    from promptclip.data import synthetic
+
+    task = synthetic.build_task(SPURIOUS_TASK, train_per_class=8, val_per_class=0, test_per_class=8)
+    assert all(s.spec.scene == task.scene_of_class[s.label] for s in task.train)
+    assert all(s.spec.scene == task.scene_of_class[(s.label + 1) % 10] for s in task.test)
+    accuracy = _zero_shot_accuracy(SPURIOUS_TASK)  # 5 classes per half: chance 20%
+    assert min(accuracy.values()) >= 60.0, accuracy
 
 
 @pytest.fixture(scope="module")

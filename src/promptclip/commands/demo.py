@@ -13,6 +13,7 @@ from the `runs/` folder that `promptclip run` fills); finished runs are skipped 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -286,29 +287,35 @@ def run_demo(args: argparse.Namespace) -> int:
                     task_seeds = seeds if args.seeds else profile.seeds_for(dataset)
                     sweep = Sweep(datasets=[dataset], seeds=task_seeds, runs_dir=args.out, recipe=RECIPE)
                     jobs += [(item, spec, cfg) for spec in expand("base2new", cfg, sweep)]
-        folders = []
+        folders: dict[str, list[Path]] = {}
         for item, spec, folder, accuracy in run_jobs(jobs, args.jobs):
-            folders.append(folder)
+            folders.setdefault(spec.dataset, []).append(folder)
             if accuracy is not None:
                 scores[(item.name, spec.dataset, spec.seed)] = accuracy
         shots = jobs[0][2].data.shots
-        title = f"Base-to-novel on the synthetic world, {args.arch} CLIP, {shots} shots (accuracy %)"
-        table = demo_table(args.out, folders, [m.method for m in methods], title)
+        tables: list[Any] = []
+        for group in task_groups(profile, list(folders)):
+            title = f"Base-to-novel on {', '.join(group)}, {args.arch} CLIP, {shots} shots (accuracy %)"
+            group_folders = [folder for dataset in group for folder in folders[dataset]]
+            table = demo_table(args.out, group_folders, [m.method for m in methods], title)
+            tables.append(dataclasses.replace(table, name=f"{table.name}_{len(tables) + 1}"))
     from promptclip.reports.tables import table_lines
 
-    lines, legend = table_lines(table)
-    text = "\n".join(lines)
-    notes = "\n".join(f"- {note}" for note in legend)
+    sections = []
+    for table in tables:
+        lines, legend = table_lines(table)
+        notes = "\n".join(f"- {note}" for note in legend)
+        sections.append(f"## {table.title}\n\n" + "\n".join(lines) + f"\n\n{notes}\n")
     claims = "\n".join(f"- {format_claim(result)}" for result in evaluate_claims(scores, DEMO_CLAIMS))
-    print(f"\n{title}:\n{text}\n\n{notes}")
     if claims:
-        print(f"\nThe papers' claims on this world:\n{claims}")
-    body = f"# {title}\n\n{text}\n\n{notes}\n" + (f"\n## The papers' claims\n\n{claims}\n" if claims else "")
-    atomic_write_text(args.out / "demo.md", body)
+        sections.append(f"## The papers' claims on this world\n\n{claims}\n")
+    body = "\n".join(sections)
+    print(f"\n{body}")
+    atomic_write_text(args.out / "demo.md", f"# promptclip demo\n\n{body}")
     from promptclip.reports.plots import PlotsUnavailable, write_plots
 
     try:
-        for path in write_plots([table], args.out):
+        for path in write_plots(tables, args.out):
             print(f"plot: {path}")
     except PlotsUnavailable as err:  # matplotlib is an optional dependency
         print(f"no plot: {err}", file=sys.stderr)
@@ -383,6 +390,15 @@ def claim_results(scores: dict[tuple[str, str, int], dict[str, float]]) -> list[
     from promptclip.reports.claims import evaluate_claims
 
     return evaluate_claims(scores, DEMO_CLAIMS)
+
+
+def task_groups(profile: Profile, datasets: Sequence[str]) -> list[list[str]]:
+    """The tasks that share one table: those the profile runs with the same methods (one table for tasks
+    outside the profile)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for dataset in datasets:
+        groups.setdefault(profile.runs.get(dataset, ()), []).append(dataset)
+    return list(groups.values())
 
 
 def demo_table(runs_dir: Path, folders: Sequence[Path], order: Sequence[str] = (), title: str | None = None) -> Any:

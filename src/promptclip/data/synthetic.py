@@ -100,10 +100,10 @@ class _KindTaskDefaults:
 
 _KIND_TASK_DEFAULTS: dict[str, _KindTaskDefaults] = {
     "synthetic_kinds": _KindTaskDefaults(0, 30),
-    "synthetic_kinds_pixel": _KindTaskDefaults(1, 30, "pixelate", 5.0),
-    "synthetic_kinds_noise": _KindTaskDefaults(2, 30, "noise", 0.3),
-    "synthetic_kinds_faded": _KindTaskDefaults(3, 30, "faded", 0.85),
-    "synthetic_kinds_spurious": _KindTaskDefaults(4, 10, "pixelate", 5.0, spurious=1.0, test_scenes="flipped"),
+    "synthetic_kinds_pixel": _KindTaskDefaults(1, 30, "pixelate", 7.0),
+    "synthetic_kinds_noise": _KindTaskDefaults(2, 30, "noise", 0.35),
+    "synthetic_kinds_faded": _KindTaskDefaults(3, 30, "faded", 0.9),
+    "synthetic_kinds_spurious": _KindTaskDefaults(4, 10, "pixelate", 7.0, spurious=1.0, test_scenes="flipped"),
 }
 
 #: The fixed (colour, shape) classes of ``synthetic_objects``. Every colour and every shape appears in at
