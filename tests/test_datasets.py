@@ -43,8 +43,11 @@ def labels_of(data):
 
 
 def test_every_field_dataset_is_registered_with_a_useful_summary(capsys):
-    for name in (*FIELD_DATASETS, "folder", "csv", "synthetic_objects", "synthetic_shapes", "synthetic_scenes"):
+    from promptclip.data.synthetic import TASK_NAMES
+
+    for name in (*FIELD_DATASETS, "folder", "csv", *TASK_NAMES):
         assert name in DATASETS
+    assert {"synthetic_kinds", "synthetic_kinds_pixel", "synthetic_kinds_spurious"} <= set(TASK_NAMES)
     assert main(["list", "datasets"]) == 0
     listing = capsys.readouterr().out
     for name in FIELD_DATASETS:
@@ -436,6 +439,61 @@ def test_synthetic_options_pass_through_and_bad_values_are_dataset_errors():
     assert splits.info["task_options"]["spurious"] == 1.0
     with pytest.raises(DatasetError, match="spurious"):
         build_dataset("synthetic_scenes", None, spurious=0.5)
+
+
+def test_synthetic_style_and_test_scene_options_pass_through():
+    from promptclip.data import synthetic
+    from promptclip.data.datasets import dataset_identity
+
+    counts = {"train_per_class": 1, "val_per_class": 1, "test_per_class": 2, "image_size": 32}
+    # As they come from `--set key=value`: strings, converted to the option's type.
+    given = {"style": "faded", "style_strength": "0.5", "test_scenes": "flipped", "spurious": "1"}
+    splits = build_dataset("synthetic_kinds", None, **counts, **given)
+    options = splits.info["task_options"]
+    assert (options["style"], options["style_strength"], options["test_scenes"]) == ("faded", 0.5, "flipped")
+    task = synthetic.build_task(
+        "synthetic_kinds", **counts, style="faded", style_strength=0.5, test_scenes="flipped", spurious=1.0
+    )
+    assert splits.classnames == task.classnames
+    for index in (0, 7, 31):
+        datum, sample = splits.test[index], task.test[index]
+        assert sample.spec.scene == task.scene_of_class[(sample.label + 1) % len(task.classnames)]
+        image, mask = synthetic.render(sample.spec, 32)
+        loaded = np.asarray(splits.load_image(datum))
+        assert np.array_equal(loaded, synthetic.apply_style(image, "faded", 0.5, sample.spec.seed))
+        assert not np.array_equal(loaded, image)
+        assert np.array_equal(np.asarray(splits.load_mask(datum)) == 255, mask)  # styles leave masks alone
+    styled = dataset_identity("synthetic_kinds", None, {"style": "noise", "style_strength": 0.1})
+    assert styled != dataset_identity("synthetic_kinds", None, {})
+
+
+def test_kind_datasets_render_in_their_own_style_unless_told_otherwise():
+    from promptclip.data import synthetic
+
+    counts = {"train_per_class": 1, "val_per_class": 1, "test_per_class": 1, "image_size": 32}
+    pixel = build_dataset("synthetic_kinds_pixel", None, **counts)
+    task = synthetic.build_task("synthetic_kinds_pixel", **counts)
+    assert task.style == "pixelate" and "style" not in pixel.info["task_options"]  # the task's default
+    image, _ = task.render_sample(task.train[0])
+    assert np.array_equal(np.asarray(pixel.load_image(pixel.train[0])), image)
+    assert not np.array_equal(image, synthetic.render(task.train[0].spec, 32)[0])
+    plain = build_dataset("synthetic_kinds_pixel", None, **counts, style="none")
+    assert np.array_equal(np.asarray(plain.load_image(plain.train[0])), synthetic.render(task.train[0].spec, 32)[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("synthetic_kinds", {"style": "sepia"}, r"synthetic_kinds: unknown style 'sepia'; choose one of: none, pix"),
+        ("synthetic_kinds_noise", {"style_strength": "strong"}, r"style_strength='strong' is not a number"),
+        ("synthetic_kinds_pixel", {"style_strength": 20}, r"synthetic_kinds_pixel: style 'pixelate'.*\[2, 8\]"),
+        ("synthetic_shapes", {"test_scenes": "sideways"}, r"test_scenes must be one of uniform, flipped"),
+        ("synthetic_scenes", {"test_scenes": "flipped"}, r"synthetic_scenes.*uniform"),
+    ],
+)
+def test_bad_synthetic_style_and_scene_options_are_dataset_errors(name, options, message):
+    with pytest.raises(DatasetError, match=message):
+        build_dataset(name, None, train_per_class=1, val_per_class=1, test_per_class=1, **options)
 
 
 def test_malformed_raw_annotations_are_dataset_errors(tmp_path):

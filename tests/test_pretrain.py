@@ -72,13 +72,13 @@ def test_batches_are_a_pure_function_of_seed_and_step() -> None:
 
 
 def test_shape_twins_differ_from_their_source_only_in_shape() -> None:
-    cfg = micro_config(batch_size=16, twin_fraction=0.5)
+    cfg = micro_config(batch_size=16, twin_fraction=0.5, world="shapes")
     from promptclip.pretraining.batches import _batch_specs
 
     specs = _batch_specs(cfg, 0)
     fresh, twins = specs[:8], specs[8:]
     for source, twin in zip(fresh, twins, strict=True):
-        assert twin.shape != source.shape
+        assert twin.shape != source.shape and twin.shape in synthetic.SHAPES
         assert (twin.colour, twin.scene, twin.size, twin.cx, twin.cy, twin.seed) == (
             source.colour,
             source.scene,
@@ -87,6 +87,25 @@ def test_shape_twins_differ_from_their_source_only_in_shape() -> None:
             source.cy,
             source.seed,
         )
+
+
+def test_kind_twins_differ_from_their_source_only_in_shape_and_the_colour_a_kind_brings() -> None:
+    from promptclip.pretraining.batches import _batch_specs
+
+    for step in range(4):
+        specs = _batch_specs(micro_config(batch_size=32, twin_fraction=0.5, world="kinds"), step)
+        fresh, twins = specs[:16], specs[16:]
+        for source, twin in zip(fresh, twins, strict=True):
+            assert twin.shape != source.shape
+            colour = synthetic.KINDS[twin.shape].colour if twin.shape in synthetic.KINDS else source.colour
+            assert (twin.colour, twin.scene, twin.size, twin.cx, twin.cy, twin.seed) == (
+                colour,
+                source.scene,
+                source.size,
+                source.cx,
+                source.cy,
+                source.seed,
+            )
 
 
 def test_partial_caption_matches_every_image_with_its_attributes() -> None:
@@ -104,9 +123,9 @@ def test_partial_caption_matches_every_image_with_its_attributes() -> None:
 def _names(text: str, spec: synthetic.SceneSpec) -> bool:
     """Whether every attribute word of a partial caption holds for `spec` (words are unambiguous here)."""
     words = text.rstrip(".")
-    mentioned_shapes = [s for s in synthetic.SHAPES if re.search(rf"\b{s}\b", words)]
+    mentioned_shapes = [s for s in synthetic.ALL_SHAPES if re.search(rf"\b{s}\b", words)]
     mentioned_colours = [c for c in synthetic.COLOURS if re.search(rf"\b{c}\b", words)]
-    mentioned_scenes = [s for s in synthetic.SCENES if re.search(rf"\b{s}\b", words)]
+    mentioned_scenes = [s for s in synthetic.ALL_SCENES if re.search(rf"\b{s}\b", words)]
     if "night sky" in mentioned_scenes and "sky" in mentioned_scenes:
         mentioned_scenes.remove("sky")
     return (

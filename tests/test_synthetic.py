@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter
@@ -12,7 +13,11 @@ import pytest
 from PIL import Image
 
 from promptclip.data.synthetic import (
+    ALL_SCENES,
+    ALL_SHAPES,
     COLOURS,
+    KIND_TASKS,
+    KINDS,
     OBJECT_CLASSES,
     SCENES,
     SHAPES,
@@ -149,6 +154,8 @@ def test_captions_name_colour_shape_and_scene_with_variety() -> None:
 
 def test_tasks_have_readable_balanced_classes() -> None:
     sizes = {"synthetic_objects": 20, "synthetic_shapes": 8, "synthetic_scenes": 8}
+    sizes |= dict.fromkeys(KIND_TASKS, len(KINDS)) | {"synthetic_kinds_spurious": 10}
+    assert set(sizes) == set(TASK_NAMES)
     for name in TASK_NAMES:
         task = build_task(name, train_per_class=3, val_per_class=2, test_per_class=4)
         assert len(task.classnames) >= sizes[name]
@@ -164,6 +171,8 @@ def test_tasks_have_readable_balanced_classes() -> None:
                 assert classname == f"{spec.colour} {spec.shape}"
             elif name == "synthetic_shapes":
                 assert classname == spec.shape
+            elif name in KIND_TASKS:
+                assert classname == spec.shape and spec.colour == KINDS[classname].colour
             else:
                 assert classname == spec.scene
             assert SIZE_RANGE[0] <= spec.size <= SIZE_RANGE[1]
@@ -223,15 +232,36 @@ def test_spurious_is_rejected_for_scene_classification_and_out_of_range() -> Non
 
 
 def test_pretraining_specs_cover_the_world_and_are_prefix_stable() -> None:
-    specs = sample_pretraining_specs(40, seed=3)
-    assert specs == sample_pretraining_specs(40, seed=3)
+    specs = sample_pretraining_specs(80, seed=3)
+    assert specs == sample_pretraining_specs(80, seed=3)
     assert specs[:25] == sample_pretraining_specs(25, seed=3)
-    assert specs != sample_pretraining_specs(40, seed=4)
+    assert specs != sample_pretraining_specs(80, seed=4)
+    # Shapes and kinds run in blocks of len(ALL_SHAPES), scenes (with the plain one) in blocks of len(ALL_SCENES).
+    for start in (0, len(ALL_SHAPES)):
+        assert {s.shape for s in specs[start : start + len(ALL_SHAPES)]} == set(ALL_SHAPES)
+    assert {s.scene for s in specs[: len(ALL_SCENES)]} == set(ALL_SCENES)
+    # A kind wears its own colour; every other spec's colour runs through blocks of all colours.
+    assert all(s.colour == KINDS[s.shape].colour for s in specs if s.shape in KINDS)
+    assert {s.colour for s in specs} == set(COLOURS)
+    assert len({(s.shape, s.colour, s.scene) for s in specs}) > 60
+
+
+def test_pretraining_specs_of_the_shapes_world_are_those_of_the_first_phase() -> None:
+    specs = sample_pretraining_specs(40, seed=3, kinds=False)
+    assert specs[:25] == sample_pretraining_specs(25, seed=3, kinds=False)
     first_ten = specs[:10]
     assert {s.shape for s in first_ten} == set(SHAPES)
     assert {s.colour for s in first_ten} == set(COLOURS)
     assert {s.scene for s in first_ten} == set(SCENES)
     assert len({(s.shape, s.colour, s.scene) for s in specs}) > 30
+    # The stream the shipped model's first phase was trained on, recorded before kinds existed: the exact
+    # floats of every spec (seeded draws, no platform-dependent arithmetic) hash to this digest.
+    assert specs[0] == SceneSpec(
+        "crescent", "green", "tiled floor", 0.5142788564821418, 0.42055963839656063, 0.48047206518003716,
+        seed=963227971888632926,
+    )  # fmt: skip
+    digest = hashlib.sha256(repr(specs).encode()).hexdigest()
+    assert digest == "5531a0c7a499bc098a19b323e3dd101b3589c9b622ef50235c35c802ed4d00d6"
 
 
 def test_export_round_trip(tmp_path: Path) -> None:
