@@ -40,7 +40,7 @@ BAD_VALUES = [  # key, value, what the message says the value must be
     ("optim.max_grad_norm", "0", "greater than 0"),
     ("data.batch_size", "0", "at least 1"),
     ("data.eval_batch_size", "0", "at least 1"),
-    ("data.num_workers", "-1", "0 or more"),
+    ("data.num_workers", "-2", "0 or more"),
     ("seed", "-1", "0 or more"),
 ]
 

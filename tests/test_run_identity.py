@@ -79,6 +79,9 @@ def test_augmentation_settings_are_in_the_identity_and_defaults_keep_earlier_ide
     assert identity_of({"data": {"flip": False}}).run_id not in (base.run_id, none.run_id)
     # Without random augmentation the crop range and the flip change nothing, so they are left out.
     assert identity_of({"data": {"augment": "none", "crop_scale": [0.5, 1.0], "flip": False}}) == none
+    # Cropping on the device may move a pixel by one level at a rounding tie; the crop cache changes nothing.
+    assert identity_of({"data": {"crop_on_device": True}}).values["data.crop_on_device"] is True
+    assert identity_of({"data": {"crop_cache_mb": 0, "num_workers": 3}}) == base
 
 
 def test_seeds_and_shots_share_a_variant_and_other_keys_do_not() -> None:

@@ -49,7 +49,15 @@ class DataConfig:
     """Classes trained on: all, or the base / new half (base-to-novel protocol)."""
     batch_size: int = 32
     eval_batch_size: int = 100
-    num_workers: int = 0
+    num_workers: int = -1
+    """Loader worker processes; -1 (auto): on a GPU every CPU core but one (at most 16), on a CPU none (the
+    model's threads use the cores). docs/performance.md has the images per second a worker gives."""
+    crop_cache_mb: int = 1024
+    """Memory for the evaluation crops kept across the evaluations of a process (a sweep evaluates the same test
+    images again and again); 0 keeps none. Bitwise the same batches either way."""
+    crop_on_device: bool = False
+    """On a GPU, the host only decodes; crop, resize, flip and normalisation run on the GPU. The pixels equal
+    the host path's but for one 8-bit level where a rounding tie falls the other way (rare)."""
     augment: Literal["random_resized_crop", "none"] = "random_resized_crop"
     """Training augmentation: the field's random resized crop (`crop_scale`) and horizontal flip (`flip`), or
     `none`: the evaluation transform (short side resized, centre crop), the same pixels every epoch."""
@@ -250,7 +258,8 @@ _VALUE_RULES: dict[str, tuple[Any, str]] = {
     "optim.max_grad_norm": (lambda v: v is None or (math.isfinite(v) and v > 0), "null or a number greater than 0"),
     "data.batch_size": (lambda v: v >= 1, "at least 1"),
     "data.eval_batch_size": (lambda v: v >= 1, "at least 1"),
-    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.num_workers": (lambda v: v >= -1, "-1 (auto: as many as the device needs), 0 or more"),
+    "data.crop_cache_mb": (lambda v: v >= 0, "0 (keep no crops) or more"),
     "data.crop_scale": (
         lambda v: len(v) == 2 and all(math.isfinite(x) for x in v) and 0 < v[0] <= v[1] <= 1,
         "two numbers [low, high] with 0 < low <= high <= 1, such as [0.5, 1.0]",

@@ -12,6 +12,7 @@ is ``round(excess / 2)``, and the random crop is the usual ten tries of area and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,10 +33,25 @@ _CROP_TRIES = 10
 CropBox = tuple[int, int, int, int]  # (top, left, height, width)
 
 
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """A uint8 ``[3, H, W]`` tensor of the image's 8-bit RGB values (converted to RGB first if needed)."""
+    array = np.asarray(to_rgb(image), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """A float32 ``[3, H, W]`` tensor in [0, 1] (the image is converted to RGB first if needed)."""
-    array = np.asarray(to_rgb(image), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    return unit_float(pil_to_uint8(image))
+
+
+def unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1]: one rounding of v / 255, the same on every device."""
+    return pixels.to(torch.float32).div_(255.0)
+
+
+def normalize_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP-normalised float32 pixels from uint8 ``[..., 3, H, W]`` (bitwise what the float path gives)."""
+    return normalize(unit_float(pixels))
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -111,9 +127,12 @@ class EvalTransform:
         top = center_crop_offset(new_height, self.image_size)
         return resized.crop((left, top, left + self.image_size, top + self.image_size))
 
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The resized and centre-cropped RGB image (8 bits per channel), before the conversion to a tensor."""
+        return self._resize_and_crop(to_rgb(image), Image.Resampling.BICUBIC)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        cropped = self._resize_and_crop(to_rgb(image), Image.Resampling.BICUBIC)
-        return normalize(pil_to_tensor(cropped))
+        return normalize(pil_to_tensor(self.crop(image)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size})"
@@ -231,9 +250,105 @@ class PairedTrainTransform(TrainTransform):
 
 
 def _nearest_indices(start: int, length: int, size: int, device: torch.device) -> torch.Tensor:
-    """Source indices sampled at output pixel centres, as PIL's nearest-neighbour resize does."""
-    centres = (torch.arange(size, device=device, dtype=torch.float64) + 0.5) * (length / size)
-    return start + centres.floor().long().clamp_(max=length - 1)
+    """Source indices PIL's nearest-neighbour resize reads: output pixel centres, found by adding the step
+    length / size to half a step in double precision, one pixel after another, and truncating."""
+    return start + torch.tensor(_pil_nearest_positions(length, size), device=device, dtype=torch.long)
+
+
+@functools.cache
+def _pil_nearest_positions(length: int, size: int) -> tuple[int, ...]:
+    step = length / size
+    centre, positions = step * 0.5, []
+    for _ in range(size):  # a running sum, as PIL's: its rounding decides centres lying exactly on a boundary
+        positions.append(min(int(centre), length - 1))
+        centre += step
+    return tuple(positions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same geometry on tensors (any device): PIL's bicubic resize, rounding included
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resize_like_pil(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize of ``[C, H, W]`` pixels on the 0..255 scale (uint8 or float) to ``(height, width)`` as
+    PIL resizes an 8-bit image: one pass per axis whose size changes, each rounded to 8 bits, in PIL's order.
+
+    torch's antialiased bicubic kernel has PIL's support and weights (a = -0.5), so the result differs from
+    PIL's only where PIL's 22-bit fixed-point weights round a value lying within about 1e-3 of a half level
+    the other way: one level, on well under 1% of the pixels. Returns float32 integer values in [0, 255].
+    """
+    out = pixels.to(torch.float32)[None]
+    in_height, in_width = out.shape[-2:]
+    passes = [(in_height, width), (height, width)]  # horizontal, then vertical
+    if _pil_may_go_vertical_first() and in_height - height > max(0, 2 * (in_width - width)):
+        passes = [(height, in_width), (height, width)]
+    for size in passes:
+        if tuple(out.shape[-2:]) != size:  # PIL skips a pass whose size does not change
+            out = F.interpolate(out, size=size, mode="bicubic", align_corners=False, antialias=True)
+            out = _rounded(out)
+    return out[0]
+
+
+@functools.cache
+def _pil_may_go_vertical_first() -> bool:
+    """Whether the installed PIL runs the vertical pass first when the height shrinks by more than twice as
+    many pixels as the width (recent versions do, to make the second pass cheaper; older ones always start
+    horizontally): told apart once by resizing a small noise image both ways."""
+    noise = np.random.default_rng(0).integers(0, 256, (40, 12, 3), dtype=np.uint8)
+    reference = torch.from_numpy(np.array(Image.fromarray(noise).resize((10, 10), Image.Resampling.BICUBIC)))
+    pixels = torch.from_numpy(noise).permute(2, 0, 1).to(torch.float32)[None]
+    errors = []
+    for passes in ([(40, 10), (10, 10)], [(10, 12), (10, 10)]):  # horizontal first, vertical first
+        out = pixels
+        for size in passes:
+            out = _rounded(F.interpolate(out, size=size, mode="bicubic", align_corners=False, antialias=True))
+        errors.append(float((out[0].permute(1, 2, 0) - reference.float()).abs().max()))
+    return errors[1] < errors[0]
+
+
+def _rounded(values: torch.Tensor) -> torch.Tensor:
+    """PIL's 8-bit store: round half up, then clip to 0..255."""
+    return values.add_(0.5).floor_().clamp_(0.0, 255.0)
+
+
+def nearest_resize(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """PIL's nearest-neighbour resize of a ``[H, W]`` tensor (any dtype)."""
+    rows = _nearest_indices(0, mask.shape[-2], height, mask.device)
+    cols = _nearest_indices(0, mask.shape[-1], width, mask.device)
+    return mask[rows[:, None], cols[None, :]]
+
+
+def crop_resize_flip(
+    pixels: torch.Tensor, box: CropBox, flip: bool, size: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TrainTransform's crop, bicubic resize and flip of ``[3, H, W]`` uint8 pixels on any device: float32
+    in [0, 255] with PIL's rounding (see `resize_like_pil`); ``mask`` ``[H, W]`` cropped, resized with nearest
+    neighbour and flipped the same way."""
+    top, left, crop_height, crop_width = box
+    out = resize_like_pil(pixels[:, top : top + crop_height, left : left + crop_width], size, size)
+    out_mask = None
+    if mask is not None:
+        out_mask = nearest_resize(mask[top : top + crop_height, left : left + crop_width], size, size)
+    if flip:
+        out = out.flip(-1)
+        out_mask = out_mask.flip(-1) if out_mask is not None else None
+    return out, out_mask
+
+
+def eval_crop(
+    pixels: torch.Tensor, size: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """EvalTransform's geometry on ``[3, H, W]`` uint8 pixels on any device (short side resized bicubically to
+    ``size``, centre crop): float32 in [0, 255] with PIL's rounding; ``mask`` resized with nearest neighbour."""
+    height, width = pixels.shape[-2:]
+    new_width, new_height = resized_short_side(width, height, size)
+    top, left = center_crop_offset(new_height, size), center_crop_offset(new_width, size)
+    out = resize_like_pil(pixels, new_height, new_width)[:, top : top + size, left : left + size]
+    out_mask = None
+    if mask is not None:
+        out_mask = nearest_resize(mask, new_height, new_width)[top : top + size, left : left + size]
+    return out, out_mask
 
 
 def random_resized_crop_tensor(
@@ -247,10 +362,10 @@ def random_resized_crop_tensor(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random resized crop and flip of an image already in memory, with the same draws as TrainTransform.
 
-    ``pixels`` is ``[3, H, W]``: float in [0, 1] or uint8. Returns float32 ``[3, size, size]`` in [0, 1],
-    not normalised (apply ``normalize`` afterwards), resized bicubically with antialiasing and clamped to
-    [0, 1] as the PIL path's uint8 output is. ``mask`` (``[H, W]``, any dtype) is cropped, resized with
-    nearest neighbour and flipped the same way, keeping its dtype.
+    ``pixels`` is ``[3, H, W]``: uint8, or float in [0, 1]. Returns float32 ``[3, size, size]`` in [0, 1],
+    not normalised (apply ``normalize`` afterwards), resized as PIL resizes (see `resize_like_pil`: equal to
+    the PIL path's pixels but for one level on rare rounding ties). ``mask`` (``[H, W]``, any dtype) is
+    cropped, resized with nearest neighbour and flipped the same way, keeping its dtype.
     """
     if pixels.dim() != 3 or pixels.shape[0] != 3:
         raise ValueError(f"pixels must be shaped [3, H, W], got {tuple(pixels.shape)}")
@@ -263,20 +378,9 @@ def random_resized_crop_tensor(
             f"mask shape {tuple(mask.shape)} differs from the image's (height, width) {(height, width)}; "
             "a mask must be pixel-aligned with its image"
         )
-    if pixels.dtype == torch.uint8:
-        pixels = pixels.to(torch.float32) / 255.0
-    top, left, crop_height, crop_width = sample_crop_box(width, height, scale, ratio, generator)
+    if pixels.dtype != torch.uint8:
+        pixels = pixels.to(torch.float32).mul(255.0).round_().clamp_(0.0, 255.0)
+    box = sample_crop_box(width, height, scale, ratio, generator)
     flip = _draw_flip(flip_p, generator)
-
-    crop = pixels[:, top : top + crop_height, left : left + crop_width].to(torch.float32)
-    resized = F.interpolate(crop[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    out = resized[0].clamp_(0.0, 1.0)
-    out_mask = None
-    if mask is not None:
-        rows = _nearest_indices(top, crop_height, size, mask.device)
-        cols = _nearest_indices(left, crop_width, size, mask.device)
-        out_mask = mask[rows[:, None], cols[None, :]]
-    if flip:
-        out = out.flip(-1)
-        out_mask = out_mask.flip(-1) if out_mask is not None else None
-    return out, out_mask
+    out, out_mask = crop_resize_flip(pixels, box, flip, size, mask)
+    return out.div_(255.0), out_mask

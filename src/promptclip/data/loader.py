@@ -14,32 +14,50 @@ Masks (when asked for) share the image's crop and flip, and arrive as float `[B,
 
 A loader never has zero batches: `drop_last` applies only when the split holds at least one full batch
 (the field dropped the only, partial batch of tiny few-shot sets and trained on nothing).
+
+Given a `device`, a loader hands out batches already on it, their pixels finished there (`pixels`, see
+`promptclip.data.device_pixels`: 8-bit crops normalised on a GPU by default, or decoded images cropped there).
+Deterministic crops (evaluation, training without augmentation) are kept in a memory-bounded `CropCache`
+(`promptclip.data.crop_cache`), so an image evaluated again is neither decoded nor resized again; the batches
+are bitwise those of the uncached path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
-from promptclip.clip.transforms import EvalTransform, PairedEvalTransform, PairedTrainTransform, TrainTransform
+from promptclip.clip.pixels import to_rgb
+from promptclip.clip.transforms import (
+    EvalTransform,
+    PairedEvalTransform,
+    PairedTrainTransform,
+    TrainTransform,
+    _mask_to_tensor,
+    pil_to_uint8,
+)
+from promptclip.data.crop_cache import SHARED_CROP_CACHE, CropCache, CropStore, Signature
 from promptclip.data.datasets import build_dataset
 from promptclip.data.datasets.base import DatasetError, DatasetSplits, Datum, SplitName
+from promptclip.data.device_pixels import CROP_KEY, PIXEL_FORMATS, PixelFormat, collate_decoded, finish_batch
 from promptclip.data.fewshot import Subset, fewshot_splits, subsample_classes
 from promptclip.data.masks import MaskConfig, MaskError, align_mask, attach_masks, full_mask
 
 logger = logging.getLogger("promptclip.data")
 
 IN_MEMORY_WARN_ITEMS = 20_000  # decoded full-size images cost ~0.5 MB each
+MAX_AUTO_WORKERS = 16
 _SHUFFLE, _SAMPLE, _WORKER, _BASE = 1, 2, 3, 4  # streams of derived seeds
 
 
@@ -135,29 +153,118 @@ class SplitDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(index)
+
+    def item(self, index: int, pixels: PixelFormat = "float") -> dict[str, Any]:
+        """Item `index` with its pixels taken as far as `pixels` says (see `promptclip.data.device_pixels`)."""
         datum = self.data[index]
         image, mask = self._decoded[index] if self._decoded is not None else self._decode(datum)
         generator = None
         if self.random_crops:
             generator = torch.Generator().manual_seed(derive_seed(_SAMPLE, self.seed, self.epoch, index))
         item: dict[str, Any] = {"label": datum.label, "index": index, "path": datum.path}
-        if mask is None:
+        if pixels == "decoded":
+            return self._decoded_item(item, image, mask, generator)
+        if pixels == "uint8":
+            pixels_u8, mask_values = self._crops(image, mask, generator)
+            item["image"] = pixels_u8
+        elif mask is None:
             item["image"] = self.transform(image, generator) if self.random_crops else self.transform(image)
             return item
-        if self.random_crops:
-            pixels, mask_values = self.transform(image, mask, generator)
+        elif self.random_crops:
+            item["image"], mask_values = self.transform(image, mask, generator)
         else:
-            pixels, mask_values = self.transform(image, mask)
-        item["image"] = pixels
-        item["mask"] = (mask_values >= 128).to(torch.float32).unsqueeze(0)
+            item["image"], mask_values = self.transform(image, mask)
+        if mask_values is not None:
+            item["mask"] = (mask_values >= 128).to(torch.float32).unsqueeze(0)
         return item
+
+    def _crops(
+        self, image: Image.Image, mask: Image.Image | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The transform's 8-bit crop of the image (and of the mask's raw values), before any float step."""
+        transform = self.transform
+        if not self.random_crops:
+            crop = pil_to_uint8(transform.crop(image))
+            if mask is None:
+                return crop, None
+            return crop, _mask_to_tensor(transform._resize_and_crop(mask, Image.Resampling.NEAREST))
+        rgb = to_rgb(image)
+        box, flip = transform._sample(rgb.width, rgb.height, generator)
+        crop = pil_to_uint8(transform._apply(rgb, box, flip, Image.Resampling.BICUBIC))
+        if mask is None:
+            return crop, None
+        return crop, _mask_to_tensor(transform._apply(mask, box, flip, Image.Resampling.NEAREST))
+
+    def _decoded_item(
+        self, item: dict[str, Any], image: Image.Image, mask: Image.Image | None, generator: torch.Generator | None
+    ) -> dict[str, Any]:
+        """The decoded image (and the mask's raw values) at full size, with the drawn crop box and flip."""
+        item["image"] = pil_to_uint8(image)
+        if mask is not None:
+            item["mask"] = _mask_to_tensor(mask)
+        if self.random_crops:
+            (top, left, height, width), flip = self.transform._sample(image.width, image.height, generator)
+            item[CROP_KEY] = torch.tensor([top, left, height, width, int(flip)])
+        return item
+
+    def crop_source(self) -> tuple[Any, object] | None:
+        """(a name of where the images come from, an object to keep alive with it) for a `CropCache`, or None
+        when this dataset's crops are not kept: random crops, masks, or no folder and no reader."""
+        if self.random_crops or self.with_masks:
+            return None
+        if self.splits.reader is not None:
+            return ("reader", id(self.splits.reader)), self.splits.reader
+        if self.splits.root is not None:
+            return ("folder", str(self.splits.root)), None
+        return None
+
+    def signatures(self, indices: Sequence[int]) -> list[Signature]:
+        """What tells the versions of the images' files apart: (modification time, size); None when rendered."""
+        if self.splits.reader is not None or self.splits.root is None:
+            return [None] * len(indices)
+        root = str(self.splits.root)
+        out: list[Signature] = []
+        for index in indices:
+            try:
+                status = os.stat(os.path.join(root, self.data[index].path))
+                out.append((status.st_mtime_ns, status.st_size))
+            except OSError:
+                out.append(("missing", index))  # never equal to a stored signature: read (and fail) as usual
+        return out
+
+
+class _PixelView(Dataset):
+    """A `SplitDataset` whose items carry pixels in another format (for one iteration of a loader)."""
+
+    def __init__(self, dataset: SplitDataset, pixels: PixelFormat) -> None:
+        self.dataset = dataset
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset.item(index, self.pixels)
+
+
+class _FixedBatches(Sampler[list[int]]):
+    def __init__(self, batches: Sequence[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class EpochLoader:
     """Iterates one epoch at a time through a fresh `DataLoader` seeded from (seed, epoch).
 
     Call `set_epoch(e)` before iterating epoch `e`; the same (seed, epoch) always gives the same batches,
-    whatever the number of workers.
+    whatever the number of workers. With a `device`, batches arrive on it with their pixels finished there
+    (`pixels`); with a `crop_cache`, deterministic crops are served from memory when kept.
     """
 
     def __init__(
@@ -170,9 +277,16 @@ class EpochLoader:
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        pixels: PixelFormat = "float",
+        device: torch.device | None = None,
+        crop_cache: CropCache | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if pixels not in PIXEL_FORMATS:
+            raise ValueError(f"pixels must be one of {', '.join(PIXEL_FORMATS)}, got {pixels!r}")
+        if pixels != "float" and device is None:
+            raise ValueError(f"pixels={pixels!r} finishes the pixels on a device: give the loader its device")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -181,6 +295,9 @@ class EpochLoader:
         self.num_workers = num_workers
         self.seed = seed
         self.pin_memory = pin_memory
+        self.pixels = pixels
+        self.device = device
+        self.crop_cache = crop_cache
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -192,24 +309,88 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.dataset.epoch = self.epoch
-        sampler: RandomSampler | SequentialSampler
+        store = self._crop_store()
+        if self.pixels == "float" and self.device is None and store is None:
+            return iter(self._data_loader(self.dataset, sampler=self._sampler()))
+        return self._batches(store)
+
+    def _sampler(self) -> RandomSampler | SequentialSampler:
         if self.shuffle:
             order = torch.Generator().manual_seed(derive_seed(_SHUFFLE, self.seed, self.epoch))
-            sampler = RandomSampler(self.dataset, generator=order)
-        else:
-            sampler = SequentialSampler(self.dataset)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=self.drop_last,
+            return RandomSampler(self.dataset, generator=order)
+        return SequentialSampler(self.dataset)
+
+    def _data_loader(self, dataset: Dataset, **batching: Any) -> DataLoader:
+        if "batch_sampler" not in batching:
+            batching.update(batch_size=self.batch_size, drop_last=self.drop_last)
+        return DataLoader(
+            dataset,
             num_workers=self.num_workers,
             worker_init_fn=partial(seed_worker, self.seed, self.epoch) if self.num_workers else None,
             generator=torch.Generator().manual_seed(derive_seed(_BASE, self.seed, self.epoch)),
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            **batching,
         )
-        return iter(loader)
+
+    def _crop_store(self) -> CropStore | None:
+        source = self.dataset.crop_source() if self.crop_cache is not None else None
+        if self.crop_cache is None or source is None:
+            return None
+        name, owner = source
+        return self.crop_cache.store(name, self.dataset.transform.image_size, owner)
+
+    def _batches(self, store: CropStore | None) -> Iterator[dict[str, Any]]:
+        """The epoch's batches, the kept ones from `store`, the others through a DataLoader, finished on the
+        device when the loader has one."""
+        order = [list(batch) for batch in BatchSampler(self._sampler(), self.batch_size, self.drop_last)]
+        data = self.dataset.data
+        paths = [[data[i].path for i in batch] for batch in order]
+        signatures = [self.dataset.signatures(batch) if store is not None else [] for batch in order]
+        kept = [store is not None and store.has_all(p, s) for p, s in zip(paths, signatures, strict=True)]
+        # Crops to keep must arrive as 8-bit crops; a kept crop replaces decoding, so never ask for decoded.
+        pixels: PixelFormat = "uint8" if store is not None else self.pixels
+        to_read = [batch for batch, hit in zip(order, kept, strict=True) if not hit]
+        loaded = iter(())
+        if to_read:
+            view = _PixelView(self.dataset, pixels)
+            collate = collate_decoded if pixels == "decoded" else None
+            loaded = iter(self._data_loader(view, batch_sampler=_FixedBatches(to_read), collate_fn=collate))
+        size = self.dataset.transform.image_size
+        for batch_paths, batch_signatures, indices, hit in zip(paths, signatures, order, kept, strict=True):
+            if hit:
+                assert store is not None
+                batch = self._kept_batch(store, indices, batch_paths)
+            else:
+                batch = next(loaded)
+                if store is not None:
+                    store.put(batch_paths, batch_signatures, batch["image"])
+            yield finish_batch(batch, size, self.device) if self.device is not None or pixels != "float" else batch
+
+    def _kept_batch(self, store: CropStore, indices: list[int], paths: list[str]) -> dict[str, Any]:
+        """A batch of kept crops, laid out as the DataLoader lays out read ones."""
+        images = store.get(paths)
+        return {
+            "label": torch.tensor([self.dataset.data[i].label for i in indices]),
+            "index": torch.tensor(indices),
+            "path": paths,
+            "image": images.pin_memory() if self.pin_memory else images,
+        }
+
+
+def resolve_num_workers(num_workers: int, device: torch.device | str | None) -> int:
+    """`num_workers` itself, or for -1 (auto) `default_num_workers(device)`."""
+    return default_num_workers(device) if num_workers < 0 else num_workers
+
+
+def default_num_workers(device: torch.device | str | None) -> int:
+    """Auto workers: on a GPU every CPU core this process may use but one (kept for the training loop), at most
+    `MAX_AUTO_WORKERS`; on a CPU none, since the model's own threads use the cores (see docs/performance.md for
+    the images per second a worker gives)."""
+    if device is None or torch.device(device).type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cores - 1))
 
 
 def build_loader(
@@ -220,7 +401,7 @@ def build_loader(
     train: bool | None = None,
     image_size: int = 224,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int = -1,
     with_masks: bool | None = None,
     in_memory: bool = False,
     shuffle: bool | None = None,
@@ -228,19 +409,30 @@ def build_loader(
     scale: tuple[float, float] = (0.08, 1.0),
     flip_p: float = 0.5,
     augment: bool = True,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
+    device: torch.device | str | None = None,
+    pixels: PixelFormat | Literal["auto"] = "auto",
+    crop_cache: CropCache | None = SHARED_CROP_CACHE,
 ) -> EpochLoader:
     """A loader over a split (by name, or an explicit list of `Datum`).
 
     `train` (default: the split is "train") selects the random crop (area `scale`) + flip (`flip_p`),
     shuffling and `drop_last` (each overridable); evaluation, and training with `augment=False`, resize the
     short side and centre-crop. `with_masks` defaults to "training on a dataset with masks attached".
+
+    `device`: batches arrive on it, copied from pinned memory (`pin_memory`, default: on CUDA) without
+    blocking; `pixels` says how much of the pixel work is left to it (`auto`: `uint8` on a GPU, `float`
+    otherwise; see `promptclip.data.device_pixels`). `num_workers=-1` (auto): see `default_num_workers`.
+    `crop_cache`: where deterministic crops are kept across iterations and loaders (the process's shared
+    cache by default; None keeps none).
     """
     name = split if isinstance(split, str) else "given"
     data = splits.split(split) if isinstance(split, str) else list(split)
     if not data:
         raise DatasetError(f"the {name} split of {splits.name!r} is empty; there is nothing to load")
     is_train = (split == "train") if train is None else train
+    target = torch.device(device) if device is not None else None
+    on_gpu = target is not None and target.type == "cuda"
     dataset = SplitDataset(
         splits,
         data,
@@ -258,9 +450,12 @@ def build_loader(
         batch_size,
         shuffle=is_train if shuffle is None else shuffle,
         drop_last=is_train if drop_last is None else drop_last,
-        num_workers=num_workers,
+        num_workers=resolve_num_workers(num_workers, target),
         seed=seed,
-        pin_memory=pin_memory,
+        pin_memory=on_gpu if pin_memory is None else pin_memory,
+        pixels=("uint8" if on_gpu else "float") if pixels == "auto" else pixels,
+        device=target,
+        crop_cache=crop_cache,
     )
 
 

@@ -5,7 +5,8 @@ The identity is a flat mapping of dotted keys (`optim.lr`, `method_cfg.n_ctx`, `
 sweep reuses a finished run only when its identity is equal, and never writes over a run of another one.
 
 Left out on purpose: where the data and the runs live (`data.root`, `output_dir`), how the work is spread
-(`device`, `data.num_workers`, `data.eval_batch_size`), and the recipe's *name* (its content is in). Keys added
+(`device`, `data.num_workers`, `data.eval_batch_size`, `data.crop_cache_mb`), and the recipe's *name* (its
+content is in). Keys added
 to the config after runs were recorded (`LATER_KEYS`) enter only with values other than their defaults, so
 the runs recorded before keep their identities; `data.crop_scale` and `data.flip` do not enter at all with
 `data.augment none`, where they change nothing.
@@ -31,11 +32,15 @@ from promptclip.config import DataConfig, RunConfig, to_dict
 LEAF_KEYS = frozenset({"seed", "data.shots", "data.ratio", "data.selector"})
 EVALUATION_KEYS = frozenset({"protocol", "targets"})
 # Run-config keys that cannot change a run's numbers (see the module docstring).
-NEUTRAL_KEYS = frozenset({"output_dir", "device", "data.root", "data.num_workers", "data.eval_batch_size"})
+NEUTRAL_KEYS = frozenset(
+    {"output_dir", "device", "data.root", "data.num_workers", "data.eval_batch_size", "data.crop_cache_mb"}
+)
 SHORT = 8  # hex digits of a fingerprint shown in folder names and labels
 _DATA_DEFAULTS = to_dict(DataConfig())
 # Keys added after the first runs were recorded, with the value those runs used: absent at that value.
-LATER_KEYS: dict[str, Any] = {f"data.{key}": _DATA_DEFAULTS[key] for key in ("augment", "crop_scale", "flip")}
+LATER_KEYS: dict[str, Any] = {
+    f"data.{key}": _DATA_DEFAULTS[key] for key in ("augment", "crop_scale", "flip", "crop_on_device")
+}
 _RANDOM_AUGMENT_KEYS = ("data.crop_scale", "data.flip")  # no effect without random augmentation
 
 

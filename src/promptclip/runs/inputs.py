@@ -281,7 +281,7 @@ def train_loader(
         augment=cfg.data.augment != "none",
         scale=cfg.data.crop_scale,
         flip_p=0.5 if cfg.data.flip else 0.0,
-        pin_memory=device.type == "cuda",
+        **device_options(cfg, device),
     )
 
 
@@ -293,5 +293,15 @@ def eval_loader(splits: DatasetSplits, split: str, cfg: RunConfig, clip: CLIP, d
         train=False,
         image_size=clip.image_size,
         num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
+        **device_options(cfg, device),
     )
+
+
+def device_options(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Where batches go and what of the pixel work is left to the device (see `build_loader`); the crops of
+    evaluation kept in the process's shared cache within `data.crop_cache_mb`."""
+    from promptclip.data.crop_cache import SHARED_CROP_CACHE
+
+    SHARED_CROP_CACHE.max_bytes = cfg.data.crop_cache_mb * 2**20
+    pixels = "decoded" if cfg.data.crop_on_device and device.type == "cuda" else "auto"
+    return {"device": device, "pixels": pixels, "crop_cache": SHARED_CROP_CACHE if cfg.data.crop_cache_mb else None}
