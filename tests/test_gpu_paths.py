@@ -111,8 +111,8 @@ def optim(epochs: int = 2) -> OptimConfig:
 # No step waits for the device
 # ---------------------------------------------------------------------------------------------------------
 
-# Zero-shot learners have nothing to train; DPC ranks its hard negatives on the host (`plugins/dpc.py`,
-# `hard_negatives.select_negatives`) every step.
+# Zero-shot learners have nothing to train. DPC reads its ranking of hard negatives back once per step by
+# design (`hard_negatives.select_negatives`: the negatives' pictures are chosen on the host).
 STEP_CASES = [case for case in CASES if case.method != "zeroshot" and "dpc" not in case.method]
 BATCHES_PER_EPOCH = 4
 
