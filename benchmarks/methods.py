@@ -41,6 +41,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ from promptclip.plugins.base import PluginContext, wrap_with_plugins
 
 MIB = 2**20
 CHUNK = 100  # text_chunk_size of the bounded-memory column
+# CPU time: with one thread, what other processes on a loaded machine take does not count against a path.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,7 @@ def measure_throughput(case: Case, classes: int, clip: CLIP, fast_clip: CLIP, ar
             {which: functools.partial(paths.train_step, which, batch) for which in ("naive", "fast")},
             args.repeats,
             warmup=args.warmup,
+            clock=CLOCKS[args.clock],
         )
     images = make_batch(case, args.eval_batch_size, classes, clip.image_size, device)["image"]
     paths.naive.eval()
@@ -347,11 +351,13 @@ def measure_throughput(case: Case, classes: int, clip: CLIP, fast_clip: CLIP, ar
         {which: functools.partial(paths.eval_step, which, images) for which in ("naive", "fast")},
         args.repeats,
         warmup=max(0, args.warmup - 1),
+        clock=CLOCKS[args.clock],
     )
     if paths.fast.cacheable_image_features:
         with torch.no_grad():
             features = paths.fast.image_features(images)
-        result.seen = interleaved_medians({"seen": lambda: paths.seen_images_step(features)}, args.repeats)["seen"]
+        seen = {"seen": lambda: paths.seen_images_step(features)}
+        result.seen = interleaved_medians(seen, args.repeats, clock=CLOCKS[args.clock])["seen"]
     return result
 
 
@@ -448,6 +454,10 @@ def ratio(values: dict[str, float] | None) -> str:
     return f"**{values['naive'] / values['fast']:.1f}x**" if values else "n/a"
 
 
+def logit_difference(result: Throughput) -> str:
+    return f"{result.max_logit_diff:.1e}" if result.max_logit_diff is not None else "n/a"
+
+
 def rate(seconds: float | None, count: int) -> str:
     return f"{count / seconds:.1f}" if seconds else "n/a"
 
@@ -461,8 +471,8 @@ def throughput_table(results: Sequence[Throughput], args: argparse.Namespace, ab
         )
     else:
         header = (
-            "| case | classes | training speed-up | evaluation speed-up | later evaluations of the same images "
-            "(sweeps) |\n|---|---:|---:|---:|---|"
+            "| case | classes | training speed-up | evaluation speed-up | largest eval-logit difference | later "
+            "evaluations of the same images (sweeps) |\n|---|---:|---:|---:|---:|---|"
         )
     rows = [header]
     for r in results:
@@ -476,7 +486,9 @@ def throughput_table(results: Sequence[Throughput], args: argparse.Namespace, ab
                 f"{ratio(r.eval)} | {rate(r.seen, args.eval_batch_size)} |"
             )
         else:
-            rows.append(f"| {r.case} | {r.classes} | {ratio(r.train)} | {ratio(r.eval)} | {seen} |")
+            rows.append(
+                f"| {r.case} | {r.classes} | {ratio(r.train)} | {ratio(r.eval)} | {logit_difference(r)} | {seen} |"
+            )
     return "\n".join(rows)
 
 
@@ -551,7 +563,14 @@ def throughput_report(results: Sequence[Throughput], args: argparse.Namespace, c
         " teacher's, encoded once in both paths (here the teacher is the student's own CLIP).",
     ]
     if not absolute:
-        lines += ["", "(On a CPU only ratios measured side by side in one run are reported, not times.)"]
+        threads = torch.get_num_threads()
+        clock = "this process's CPU time" if args.clock == "cpu" else "wall time"
+        lines += [
+            "",
+            f"Recorded with {threads} torch thread{'s' if threads > 1 else ''} (`torch.set_num_threads({threads})`,"
+            f" `--threads`), timed in {clock}: with more threads than free cores the two paths' times mix in the"
+            " machine's load. On a CPU only ratios measured side by side in one run are reported, not times.",
+        ]
     return "\n".join(lines)
 
 
@@ -607,6 +626,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"], help="promptclip's"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time (loaded machines)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument(
         "--section", default=None, help="name of the throughput section in BENCHMARKS.md (default methods-<device>)"
