@@ -551,7 +551,12 @@ def test_transductive_learners_never_read_the_labels(make) -> None:
     )
 
 
-RECIPES = sorted(recipe.path for recipe in list_recipes() if recipe.name.split("/")[0].endswith("_dapt"))
+# The recipes of the official configs (ViT-B/16); the tiny-model demo recipes adapt the settings to their world.
+RECIPES = sorted(
+    recipe.path
+    for recipe in list_recipes()
+    if recipe.name.split("/")[0].endswith("_dapt") and recipe.path.stem.startswith("vit_b16")
+)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[f"{p.parent.name}/{p.stem}" for p in RECIPES])
