@@ -34,6 +34,9 @@ from promptclip.pretraining.batches import _crop_caption
 
 # Kinds whose marking falls (almost) entirely outside the silhouette: an eye in a ring's hole or in a
 # crescent's bite. They look like their plain silhouette; see test_a_kinds_marking_is_visible.
+# The eye (a central disc) falls in the ring's hole and the crescent's bite: those two kinds look like their
+# plain silhouette in their colour. The shipped model was trained on them so (docs/synthetic-world.md, Kinds);
+# drawing their eye elsewhere changes the world and needs a new pretraining run.
 _HIDDEN_MARKINGS = {("ring", "eye"), ("crescent", "eye")}
 
 _STYLED_TASKS = {
@@ -41,17 +44,6 @@ _STYLED_TASKS = {
     "synthetic_kinds_noise": "noise",
     "synthetic_kinds_faded": "faded",
 }
-
-
-def _kind_params() -> list[object]:
-    params: list[object] = []
-    for name, kind in KINDS.items():
-        marks = ()
-        if (kind.silhouette, kind.marking) in _HIDDEN_MARKINGS:
-            reason = f"a {kind.marking} marking lies outside the {kind.silhouette} silhouette"
-            marks = (pytest.mark.xfail(strict=True, reason=reason),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
 
 
 def _tiny_task(name: str, **options: object):
@@ -87,9 +79,10 @@ def test_kind_masks_are_exactly_the_pixels_that_differ_from_the_background(image
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
-@pytest.mark.parametrize("name", _kind_params())
-def test_a_kinds_marking_is_visible(name: str, image_size: int) -> None:
+@pytest.mark.parametrize("name", list(KINDS))
+def test_a_kinds_marking_is_visible_but_for_the_eye_in_a_hole(name: str, image_size: int) -> None:
     kind = KINDS[name]
+    hidden = (kind.silhouette, kind.marking) in _HIDDEN_MARKINGS
     for seed in range(3):  # three tilts
         marked = SceneSpec(name, kind.colour, "snow", 0.6, 0.5, 0.5, seed)
         plain = SceneSpec(kind.silhouette, kind.colour, "snow", 0.6, 0.5, 0.5, seed)
@@ -99,7 +92,10 @@ def test_a_kinds_marking_is_visible(name: str, image_size: int) -> None:
         # colour of the world, so 60 separates it from the +-12% shading and the one-bit background nudge.
         gap = np.abs(image.astype(np.int16) - fill.astype(np.int16)).max(axis=-1)
         visible = mask & (gap >= 60)
-        assert visible.sum() >= 0.1 * mask.sum(), (name, kind, seed, int(visible.sum()), int(mask.sum()))
+        if hidden:
+            assert visible.sum() <= 0.02 * mask.sum(), (name, kind, seed, int(visible.sum()), int(mask.sum()))
+        else:
+            assert visible.sum() >= 0.1 * mask.sum(), (name, kind, seed, int(visible.sum()), int(mask.sum()))
         assert not (~mask & (gap > 0)).any()  # nothing outside the silhouette changes
 
 

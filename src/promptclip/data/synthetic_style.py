@@ -33,7 +33,8 @@ def check_style(style: str, strength: float) -> None:
         return
     low, high = STYLE_RANGES[style]
     if not low <= float(strength) <= high:
-        raise ValueError(f"style {style!r}: strength must be in [{low:g}, {high:g}], got {strength}")
+        hint = " (give style_strength with the style)" if float(strength) == 0 else ""
+        raise ValueError(f"style {style!r}: strength must be in [{low:g}, {high:g}], got {strength}{hint}")
 
 
 def _pixelate(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:

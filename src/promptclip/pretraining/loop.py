@@ -197,12 +197,16 @@ def _load_init(model: CLIP, path: str) -> None:
         start = load_clip(path)
     except (OSError, ValueError) as err:
         raise PretrainError(f"pretrain config: init {path!r} cannot be loaded ({err})") from None
-    missing = model.load_state_dict(start.state_dict(), strict=False)
-    if missing.missing_keys or missing.unexpected_keys:
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    given = {key: tuple(value.shape) for key, value in start.state_dict().items()}
+    differing = sorted(key for key in expected.keys() | given.keys() if expected.get(key) != given.get(key))
+    if differing:
+        shown = ", ".join(f"{key} {given.get(key)} (training {expected.get(key)})" for key in differing[:3])
         raise PretrainError(
-            f"pretrain config: init {path!r} is another architecture (missing {missing.missing_keys[:3]}, "
-            f"unexpected {missing.unexpected_keys[:3]}); give a weights file of the architecture being trained"
+            f"pretrain config: init {path!r} is another architecture ({len(differing)} tensors differ: {shown}); "
+            "give a weights file of the architecture being trained"
         )
+    model.load_state_dict(start.state_dict())
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.requires_grad_(True)
