@@ -90,7 +90,7 @@ def workers_of() -> Iterator[Any]:
     started: list[PictureWorkers] = []
 
     def start(library: PictureLibrary, count: int) -> PictureWorkers:
-        started.append(PictureWorkers(library, count))
+        started.append(PictureWorkers(library, count, capacity=8))
         return started[-1]
 
     yield start

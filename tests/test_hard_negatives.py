@@ -191,7 +191,7 @@ def test_a_picture_worker_that_dies_stops_the_draw_with_the_fix(monkeypatch) -> 
     splits = picture_splits(["a", "b"]).replace(reader=DyingReader())
     library = PictureLibrary.from_splits(splits, image_size=16, preload=False)  # read in the worker
     monkeypatch.setattr(hard_negatives, "RENDER_TIMEOUT_S", 5)
-    workers = PictureWorkers(library, 1)
+    workers = PictureWorkers(library, 1, capacity=2)
     try:
         with pytest.raises(RuntimeError, match=r"data\.num_workers 0"):
             workers.render(library.requests([0, 1]))

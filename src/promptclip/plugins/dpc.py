@@ -441,7 +441,8 @@ class DPC(PluginModel):
         eligible = library.has_pictures()
         chosen = select_negatives(scores, labels, self.cfg.top_k, self.cfg.min_negatives, generator, eligible)
         requests = library.requests([c for row in chosen for c in row], generator)
-        return library.render_all(requests, self.picture_workers())
+        most = labels.shape[0] * max(self.cfg.top_k - 1, self.cfg.min_negatives)  # negatives per anchor: at most
+        return library.render_all(requests, self.picture_workers(most))
 
     def ranking_scores(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, C] fp32 scores of stage-1 image features against the stage-1 class features (ranking only)."""
@@ -470,16 +471,16 @@ class DPC(PluginModel):
             self._library = build_picture_library(self.context, self.cfg, self.classnames, self.clip)
         return self._library
 
-    def picture_workers(self) -> PictureWorkers | None:
-        """The `PluginContext.num_workers` processes that render the negatives, started at the first draw
-        (None: rendered in this process)."""
-        wanted = self.context.num_workers
+    def picture_workers(self, capacity: int = 1) -> PictureWorkers | None:
+        """The `PluginContext.num_workers` processes that render the negatives, with room for `capacity`
+        pictures a step, started at the first draw (None: rendered in this process)."""
+        wanted, current = self.context.num_workers, self._picture_workers
         if wanted <= 0:
             return None
-        if self._picture_workers is None or self._picture_workers.workers != wanted:
-            if self._picture_workers is not None:
-                self._picture_workers.close()
-            self._picture_workers = PictureWorkers(self.picture_library(), wanted)
+        if current is None or current.workers != wanted or current.capacity < capacity:
+            if current is not None:
+                current.close()
+            self._picture_workers = PictureWorkers(self.picture_library(), wanted, capacity)
         return self._picture_workers
 
     # -- epochs, classes, state ------------------------------------------------------------------------------

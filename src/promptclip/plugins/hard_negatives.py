@@ -254,9 +254,12 @@ class PictureLibrary:
         if not requests:
             empty = torch.empty(0, size, size, 3, dtype=torch.uint8)
             return RenderedPictures(empty, torch.empty(0, dtype=torch.long), [])
-        rendered = workers.render(requests) if workers is not None else [self.render(r) for r in requests]
-        pixels = torch.from_numpy(np.stack([array for array, _ in rendered]))
         labels = torch.tensor([r.label for r in requests], dtype=torch.long)
+        if workers is not None:
+            pixels, paths = workers.render(requests)
+            return RenderedPictures(pixels, labels, paths)
+        rendered = [self.render(r) for r in requests]
+        pixels = torch.from_numpy(np.stack([array for array, _ in rendered]))
         return RenderedPictures(pixels, labels, [path for _, path in rendered])
 
     def draw(self, classes: Sequence[int], generator: torch.Generator | None = None) -> LibraryDraw:
@@ -270,44 +273,56 @@ class PictureLibrary:
 # ---------------------------------------------------------------------------------------------------------
 
 _WORKER_LIBRARY: PictureLibrary | None = None
+_WORKER_PIXELS: np.ndarray | None = None
 
 
-def _adopt_library(library: PictureLibrary) -> None:
-    global _WORKER_LIBRARY
+def _adopt_library(library: PictureLibrary, pixels: torch.Tensor) -> None:
+    global _WORKER_LIBRARY, _WORKER_PIXELS
     torch.set_num_threads(1)  # as a data loader's workers: one picture per process at a time
-    _WORKER_LIBRARY = library
+    _WORKER_LIBRARY, _WORKER_PIXELS = library, pixels.numpy()
 
 
-def _render_in_worker(request: PictureRequest) -> tuple[np.ndarray, str]:
-    if _WORKER_LIBRARY is None:
+def _render_in_worker(task: tuple[int, PictureRequest]) -> str:
+    """Render a picture into its slot of the shared pixel buffer; only its path travels back."""
+    if _WORKER_LIBRARY is None or _WORKER_PIXELS is None:
         raise RuntimeError("a picture worker was started without its library")
-    return _WORKER_LIBRARY.render(request)
+    slot, request = task
+    _WORKER_PIXELS[slot], path = _WORKER_LIBRARY.render(request)
+    return path
 
 
 class PictureWorkers:
     """Processes that render the negatives' pictures (decode when not preloaded, crop, resize, flip), as a
-    data loader's workers render its batches: the main process sends (class, seed) requests and receives
-    8-bit pixels, identical to rendering them itself. Each holds a copy of the library taken when started."""
+    data loader's workers render its batches: the main process sends (class, seed) requests and reads 8-bit
+    pixels from a buffer shared with the workers (room for `capacity` pictures), identical to rendering them
+    itself. Each worker holds a copy of the library taken when started."""
 
-    def __init__(self, library: PictureLibrary, workers: int) -> None:
-        if workers < 1:
-            raise ValueError(f"picture workers: need at least 1 process, got {workers}")
-        self.workers = workers
+    def __init__(self, library: PictureLibrary, workers: int, capacity: int) -> None:
+        if workers < 1 or capacity < 1:
+            raise ValueError(f"picture workers: need at least 1 process and 1 picture, got {workers}, {capacity}")
+        self.workers, self.capacity = workers, capacity
+        size = library.transform.image_size
+        # Shared memory: a step's pixels (tens of MB at batch 32) need not be pickled through pipes.
+        self._pixels = torch.empty(capacity, size, size, 3, dtype=torch.uint8).share_memory_()
         context = multiprocessing.get_context()
-        self._pool = context.Pool(workers, initializer=_adopt_library, initargs=(library,))
+        self._pool = context.Pool(workers, initializer=_adopt_library, initargs=(library, self._pixels))
         self._finalizer = weakref.finalize(self, self._pool.terminate)
 
-    def render(self, requests: Sequence[PictureRequest]) -> list[tuple[np.ndarray, str]]:
+    def render(self, requests: Sequence[PictureRequest]) -> tuple[torch.Tensor, list[str]]:
+        """[N, S, S, 3] uint8 pixels (a copy, the buffer is reused) and the paths of the pictures."""
+        if len(requests) > self.capacity:
+            raise ValueError(f"picture workers: {len(requests)} pictures for room for {self.capacity}")
         chunk = max(1, math.ceil(len(requests) / self.workers))
-        pending = self._pool.map_async(_render_in_worker, list(requests), chunksize=chunk)
+        pending = self._pool.map_async(_render_in_worker, list(enumerate(requests)), chunksize=chunk)
         try:
-            return pending.get(timeout=RENDER_TIMEOUT_S)
+            paths = pending.get(timeout=RENDER_TIMEOUT_S)
         except multiprocessing.TimeoutError:
             # A worker that died (killed for memory, say) loses its pictures: stop instead of waiting forever.
             raise RuntimeError(
                 f"dpc: the picture workers rendered no pictures in {RENDER_TIMEOUT_S} s (did a worker process "
                 "die?); set data.num_workers 0 to render them in the main process"
             ) from None
+        return self._pixels[: len(requests)].clone(), paths
 
     def close(self) -> None:
         self._finalizer()
