@@ -151,6 +151,29 @@ def test_losses_are_read_at_each_logging_point(tiny_clip, monkeypatch: pytest.Mo
     assert trainer.epoch == 1 and trainer.global_step == 6
 
 
+def test_a_later_failure_is_reported_as_the_non_finite_loss_before_it(tiny_clip) -> None:
+    from promptclip.engine.train import NonFiniteLossError
+    from promptclip.methods.coop import CoOp, CoOpConfig
+
+    learner = CoOp(tiny_clip, ["cat", "dog", "tree", "car"], CoOpConfig(n_ctx=2))
+    batches = [on_host(make_batch(tiny_clip, seed=i)) for i in range(4)]
+    batches[1]["image"] = torch.full_like(batches[1]["image"], float("nan"))
+    forward = learner.forward
+    calls = iter(range(4))
+
+    def fail_on_third_batch(batch: dict[str, Any]) -> Any:
+        if next(calls) == 2:  # e.g. an index computed from NaN features
+            raise RuntimeError("a consequence of the NaN")
+        return forward(batch)
+
+    learner.forward = fail_on_third_batch  # type: ignore[method-assign]
+    trainer = Trainer(learner, batches, optim(epochs=1), progress=False, log_every=100)
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.fit()
+    assert (caught.value.epoch, caught.value.batch_index, caught.value.step) == (0, 1, 1)
+    assert caught.value.paths == batches[1]["path"]
+
+
 class FakeTwoRanks(DataParallel):
     """Rank 0 of two, without processes: the other rank's contribution to each all-reduce is `other(t)`."""
 
