@@ -178,12 +178,14 @@ LAYERS = (
     ("methods",),
     ("plugins",),
     ("factory",),
+    ("official_import",),
     ("protocols",),
     ("runs",),
     ("reports",),
     ("pretraining",),
     ("commands",),
-    ("cli", "__main__"),
+    ("cli",),
+    ("__main__",),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 

@@ -44,18 +44,21 @@ def test_known_words_give_nothing(tiny_synthetic: CLIP) -> None:
 
 
 def test_identical_names_tie_under_a_learned_prompt(tiny_synthetic: CLIP) -> None:
-    """The claim behind the groups: with any prompt (here a random CoOp context) the grouped names get
-    bitwise-identical text features, so their logits tie."""
+    """The claim behind the groups: with any prompt (here a random CoOp context) the grouped names get the
+    same text features, so their logits tie."""
     torch.manual_seed(0)
     learner = CoOp(tiny_synthetic, FASHION, CoOpConfig(n_ctx=4, ctx_init=""))
     with torch.no_grad():
         text = learner.text_features()
         logits = learner({"image": torch.randn(3, 3, 64, 64)}).logits
     index = {name: i for i, name in enumerate(FASHION)}
+    # The grouped names enter the text tower as identical sequences; only the blocked matrix products of a
+    # batch may round their rows differently, by a few fp32 ulps of the largest feature.
+    ulps = 8 * torch.finfo(torch.float32).eps * text.abs().max()
     for group in (ONE_TOKEN, TWO_TOKENS):
         first = index[group[0]]
         for name in group[1:]:
-            assert torch.equal(text[index[name]], text[first]), name
+            assert (text[index[name]] - text[first]).abs().max() <= ulps, name
     assert not torch.equal(text[index["T-shirt/top"]], text[index["Shirt"]])
     tied = logits[:, [index[name] for name in ONE_TOKEN]]
     # Equal columns of the matrix product may round differently (blocked BLAS): logits near 100 * cos from a
