@@ -13,6 +13,7 @@ import torch
 from promptclip.clip.model import CLIP
 from promptclip.data.datasets import DatasetSplits
 from promptclip.data.fewshot import subsample_classes
+from promptclip.data.loader import resolve_num_workers
 from promptclip.engine.checkpoint import seed_everything
 from promptclip.engine.distributed import current_data_parallel, is_main_process
 from promptclip.engine.train import MetricsFile, Trainer
@@ -80,7 +81,8 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
         log(f"evaluating the prompt trained in {reused.parent} (trained exactly as this run would); nothing to train")
     else:
         full = subsample_classes(source, spec.train_subsample) if planned.needs.full_training_classes else None
-        context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full, cfg.data.num_workers)
+        workers = resolve_num_workers(cfg.data.num_workers, device)  # -1: as many as the device needs
+        context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full, workers)
         learner = build_learner(planned, clip, splits, context).to(device)
         log(learner.parameter_summary())
         check_targets_servable(learner, planned, datasets, splits)
