@@ -25,23 +25,12 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
+from promptclip.protocols.spec import CROSS_DATASET_TARGETS
 from promptclip.reports.collect import harmonic_mean
 from promptclip.reports.table_model import AVERAGE_KEY, Table, TableCell, TableRow
 
 FORMAT = "promptclip-paper-numbers/1"
-PAPER_DATASETS = (
-    "imagenet",
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
+PAPER_DATASETS = ("imagenet", *CROSS_DATASET_TARGETS)
 """The 11 datasets of the field's tables: every published average is over these."""
 BASE2NEW_COLUMNS = {"Base": "base", "New": "new", "HM": "hm"}
 PAPER_NOTE = (
