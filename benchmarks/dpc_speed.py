@@ -201,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"`{command.strip()}` on {machine_description()}. Ratio naive / promptclip of median times "
             f"({args.repeats} repeats, interleaved); both paths give the same numbers (tests/test_dpc_speed.py). "
             f"ViT-B/16 widths with {args.layers} layers per tower, {args.classes} classes, K = {args.top_k}; "
-            "pictures 500 x 375; drawing the negatives = choosing them and rendering their 8-bit pixels.",
+            "pictures 500 x 375; drawing the negatives = choosing them and rendering their 8-bit pixels. "
+            "The main-process CPU time is what the training loop spends; wall times gain from worker processes "
+            "only where each has a free core, so read them only on an otherwise idle machine.",
             "",
             "| path | clock | speed-up |",
             "| --- | --- | ---: |",
