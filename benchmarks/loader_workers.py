@@ -151,7 +151,10 @@ def report(seconds: dict[str, float], count: int, repeats: int, command: str) ->
         f" GFLOP, so at 40% of the bf16 peak ({H100_BF16_TFLOPS:.0f} TFLOP/s) an H100 evaluates about"
         f" {demand['evaluation']:,.0f} images/s and trains a learner with visual prompts (MaPLe, PromptSRC, IVLP)"
         f" on about {demand['training with visual prompts']:,.0f} images/s (CoOp's text-side cost is small beside"
-        " it). `python benchmarks/gpu.py` measures both on the GPU and redoes this division with its own CPU.",
+        " it). That is the demand of a step whose GPU work is not waiting for the host: at the recipes' small"
+        " batches an eager step is host-bound (section `profile-step`), which lowers the rate to batch size /"
+        " host time per step, and capturing the step (CUDA graphs) raises it towards these figures."
+        " `python benchmarks/gpu.py` measures the rates on the GPU and redoes this division with its own CPU.",
         "",
         "| item | workers for training (" + f"{demand['training with visual prompts']:,.0f} img/s) | workers for"
         f" evaluation ({demand['evaluation']:,.0f} img/s) |",
