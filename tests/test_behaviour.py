@@ -33,6 +33,7 @@ NOT_SHOWN: frozenset[str] = frozenset(
         "DAPT-S (exact masks) is at least as good as DAPT-G (Grad-CAM masks)",
         "CoOp + DPC raises base accuracy over its stage-1 CoOp",
         "MaPLe + DPC raises base accuracy over its stage-1 MaPLe",
+        "DPC as a plug-in beats DePT on MaPLe (HM)",
     }
 )
 

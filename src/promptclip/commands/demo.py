@@ -68,6 +68,8 @@ DEMO_METHODS: tuple[DemoMethod, ...] = (
     DemoMethod("maple+dapt-g", "maple_dapt/tiny_synthetic_dapt_g"),
     DemoMethod("coop+dpc", "coop_dpc/tiny_synthetic_demo"),
     DemoMethod("maple+dpc", "maple_dpc/tiny_synthetic_demo"),
+    DemoMethod("coop+dept", "coop_dept/tiny_synthetic_demo"),
+    DemoMethod("maple+dept", "maple_dept/tiny_synthetic_demo"),
 )
 
 
@@ -93,7 +95,9 @@ class Profile:
         return tuple(dict.fromkeys(name for names in self.runs.values() for name in names))
 
 
-_TRADE_OFF = ("zeroshot", "coop", "kgcoop", "cocoop", "maple", "promptsrc", "coop+dpc", "maple+dpc")
+_TRADE_OFF = (
+    "zeroshot", "coop", "kgcoop", "cocoop", "maple", "promptsrc", "coop+dpc", "maple+dpc", "coop+dept", "maple+dept",
+)  # fmt: skip
 _BACKGROUNDS = ("zeroshot", "coop", "coop+dapt", "maple", "maple+dapt", "maple+dapt-g")
 
 PROFILES: dict[str, Profile] = {
@@ -142,6 +146,8 @@ DEMO_CLAIMS: tuple[Claim, ...] = (
     Claim("CoOp + DPC keeps stage 1's new-class accuracy", "coop+dpc", "coop", "equal_new", STYLE_TASKS),
     Claim("MaPLe + DPC raises base accuracy over its stage-1 MaPLe", "maple+dpc", "maple", "base", STYLE_TASKS),
     Claim("MaPLe + DPC keeps stage 1's new-class accuracy", "maple+dpc", "maple", "equal_new", STYLE_TASKS),
+    Claim("DPC as a plug-in beats DePT on CoOp (HM)", "coop+dpc", "coop+dept", "hm", STYLE_TASKS),
+    Claim("DPC as a plug-in beats DePT on MaPLe (HM)", "maple+dpc", "maple+dept", "hm", STYLE_TASKS),
 )
 
 
