@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from promptclip.clip.transforms import TrainTransform, normalize
+from promptclip.clip.transforms import TrainTransform, normalize_uint8
 from promptclip.data.datasets.base import DatasetError, DatasetSplits, Datum
 from promptclip.methods.base import scaled_cosine_logits
 
@@ -174,8 +174,7 @@ class RenderedPictures:
     def images(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[N, 3, S, S] CLIP-normalised float32 on `device`: the same arithmetic as `TrainTransform`'s
         tensor step (x / 255, then mean and std), done on the batch where the model runs."""
-        pixels = self.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
-        return normalize(pixels.to(torch.float32).div_(255.0)).contiguous()
+        return normalize_uint8(self.pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)).contiguous()
 
 
 class PictureLibrary:
