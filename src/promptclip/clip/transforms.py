@@ -63,7 +63,7 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels - mean) / std
 
 
-def _mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     """The raw values of a single-channel mask as a ``[H, W]`` uint8 tensor (no palette decoding)."""
     array = np.asarray(mask)
     if array.ndim != 2:
@@ -120,7 +120,8 @@ class EvalTransform:
     def __init__(self, image_size: int) -> None:
         self.image_size = _check_positive_size(image_size)
 
-    def _resize_and_crop(self, image: Image.Image, resample: Image.Resampling) -> Image.Image:
+    def resize_and_crop(self, image: Image.Image, resample: Image.Resampling) -> Image.Image:
+        """Short side to ``image_size`` with `resample`, then the centre crop (an image or a mask)."""
         new_width, new_height = resized_short_side(image.width, image.height, self.image_size)
         resized = image.resize((new_width, new_height), resample)
         left = center_crop_offset(new_width, self.image_size)
@@ -129,7 +130,7 @@ class EvalTransform:
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The resized and centre-cropped RGB image (8 bits per channel), before the conversion to a tensor."""
-        return self._resize_and_crop(to_rgb(image), Image.Resampling.BICUBIC)
+        return self.resize_and_crop(to_rgb(image), Image.Resampling.BICUBIC)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return normalize(pil_to_tensor(self.crop(image)))
@@ -146,8 +147,8 @@ class PairedEvalTransform(EvalTransform):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_mask_size(image.size, mask.size)
         pixels = super().__call__(image)
-        mask_crop = self._resize_and_crop(mask, Image.Resampling.NEAREST)
-        return pixels, _mask_to_tensor(mask_crop)
+        mask_crop = self.resize_and_crop(mask, Image.Resampling.NEAREST)
+        return pixels, mask_to_tensor(mask_crop)
 
 
 def sample_crop_box(
@@ -208,12 +209,13 @@ class TrainTransform:
             raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p}")
         self.flip_p = float(flip_p)
 
-    def _sample(self, width: int, height: int, generator: torch.Generator | None) -> tuple[CropBox, bool]:
+    def draw(self, width: int, height: int, generator: torch.Generator | None) -> tuple[CropBox, bool]:
         """The crop box, then the flip: one draw order shared by the image-only and the paired transforms."""
         box = sample_crop_box(width, height, self.scale, self.ratio, generator)
         return box, _draw_flip(self.flip_p, generator)
 
-    def _apply(self, image: Image.Image, box: CropBox, flip: bool, resample: Image.Resampling) -> Image.Image:
+    def apply(self, image: Image.Image, box: CropBox, flip: bool, resample: Image.Resampling) -> Image.Image:
+        """Crop `box`, resize to ``image_size`` with `resample`, flip if drawn (an image or a mask)."""
         top, left, crop_height, crop_width = box
         out = image.crop((left, top, left + crop_width, top + crop_height))
         out = out.resize((self.image_size, self.image_size), resample)
@@ -223,8 +225,8 @@ class TrainTransform:
         """The cropped, resized and flipped RGB image (8 bits per channel), before the conversion to a tensor:
         what may run apart from the normalisation (in a worker process, with the tensor step on the device)."""
         image = to_rgb(image)
-        box, flip = self._sample(image.width, image.height, generator)
-        return self._apply(image, box, flip, Image.Resampling.BICUBIC)
+        box, flip = self.draw(image.width, image.height, generator)
+        return self.apply(image, box, flip, Image.Resampling.BICUBIC)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return normalize(pil_to_tensor(self.augment(image, generator)))
@@ -244,9 +246,9 @@ class PairedTrainTransform(TrainTransform):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_mask_size(image.size, mask.size)
         image = to_rgb(image)
-        box, flip = self._sample(image.width, image.height, generator)
-        pixels = normalize(pil_to_tensor(self._apply(image, box, flip, Image.Resampling.BICUBIC)))
-        return pixels, _mask_to_tensor(self._apply(mask, box, flip, Image.Resampling.NEAREST))
+        box, flip = self.draw(image.width, image.height, generator)
+        pixels = normalize(pil_to_tensor(self.apply(image, box, flip, Image.Resampling.BICUBIC)))
+        return pixels, mask_to_tensor(self.apply(mask, box, flip, Image.Resampling.NEAREST))
 
 
 def _nearest_indices(start: int, length: int, size: int, device: torch.device) -> torch.Tensor:

@@ -44,7 +44,7 @@ from promptclip.clip.transforms import (
     PairedEvalTransform,
     PairedTrainTransform,
     TrainTransform,
-    _mask_to_tensor,
+    mask_to_tensor,
     pil_to_uint8,
 )
 from promptclip.data.crop_cache import SHARED_CROP_CACHE, CropCache, CropStore, Signature
@@ -188,13 +188,13 @@ class SplitDataset(Dataset):
             crop = pil_to_uint8(transform.crop(image))
             if mask is None:
                 return crop, None
-            return crop, _mask_to_tensor(transform._resize_and_crop(mask, Image.Resampling.NEAREST))
+            return crop, mask_to_tensor(transform.resize_and_crop(mask, Image.Resampling.NEAREST))
         rgb = to_rgb(image)
-        box, flip = transform._sample(rgb.width, rgb.height, generator)
-        crop = pil_to_uint8(transform._apply(rgb, box, flip, Image.Resampling.BICUBIC))
+        box, flip = transform.draw(rgb.width, rgb.height, generator)
+        crop = pil_to_uint8(transform.apply(rgb, box, flip, Image.Resampling.BICUBIC))
         if mask is None:
             return crop, None
-        return crop, _mask_to_tensor(transform._apply(mask, box, flip, Image.Resampling.NEAREST))
+        return crop, mask_to_tensor(transform.apply(mask, box, flip, Image.Resampling.NEAREST))
 
     def _decoded_item(
         self, item: dict[str, Any], image: Image.Image, mask: Image.Image | None, generator: torch.Generator | None
@@ -202,9 +202,9 @@ class SplitDataset(Dataset):
         """The decoded image (and the mask's raw values) at full size, with the drawn crop box and flip."""
         item["image"] = pil_to_uint8(image)
         if mask is not None:
-            item["mask"] = _mask_to_tensor(mask)
+            item["mask"] = mask_to_tensor(mask)
         if self.random_crops:
-            (top, left, height, width), flip = self.transform._sample(image.width, image.height, generator)
+            (top, left, height, width), flip = self.transform.draw(image.width, image.height, generator)
             item[CROP_KEY] = torch.tensor([top, left, height, width, int(flip)])
         return item
 
