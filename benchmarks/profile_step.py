@@ -1,6 +1,7 @@
 """Where the time of one training step goes: operator counts, compute against host work, and what a GPU changes.
 
 Usage: python benchmarks/profile_step.py [--cases maple+dapt,coop+dpc] [--classes 100] [--no-write]
+       python benchmarks/profile_step.py --host-only    # host ms of the five GPU-benchmark cases, their batches
 
 For each case (random weights with ViT-B/16's dimensions, a batch of 4 random 224 px images, `--classes`
 classes, one thread), after one warm-up step:
@@ -32,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, write_section
-from gpu import Trainer
+from gpu import OFFICIAL_BATCH, Trainer
 from methods import CASES, build_learner, class_names, make_batch
 
 from promptclip.clip.model import CLIP
@@ -61,10 +62,10 @@ def backbone(narrow: bool) -> CLIP:
     return clip
 
 
-def trainer_for(name: str, clip: CLIP, classes: int) -> Trainer:
+def trainer_for(name: str, clip: CLIP, classes: int, batch_size: int = BATCH) -> Trainer:
     case = next(c for c in CASES if c.name == name)
     learner = build_learner(case, clip, class_names(classes), {}).train()
-    batch = make_batch(case, BATCH, classes, clip.image_size, torch.device("cpu"))
+    batch = make_batch(case, batch_size, classes, clip.image_size, torch.device("cpu"))
     return Trainer(case, learner, batch, torch.device("cpu"), "fp32")
 
 
@@ -165,14 +166,29 @@ def report(results: dict[str, dict[str, Any]], classes: int, command: str) -> st
     )
 
 
+def host_table(classes: int, repeats: int) -> str:
+    """Host ms per step (narrow backbone) of the GPU benchmark's cases at their recipes' batch sizes, and the
+    images/s that host time alone allows."""
+    rows = ["| case | batch | host ms per step | images/s the host allows |", "|---|---:|---:|---:|"]
+    clip = backbone(narrow=True)
+    for name, size in OFFICIAL_BATCH.items():
+        milliseconds = host_ms(trainer_for(name, clip, classes, size), repeats)
+        rows.append(f"| {name} | {size} | {milliseconds:.0f} | {1e3 * size / milliseconds:,.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="maple+dapt,coop+dpc")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="steps of the narrow model")
+    parser.add_argument("--host-only", action="store_true", help="host ms at the recipes' batch sizes only")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.host_only:
+        print(host_table(args.classes, args.repeats))
+        return
     results = {}
     for name in args.cases.split(","):
         results[name] = measure(name, args.classes, args.repeats)
