@@ -2,7 +2,7 @@
 
 The fast tests check that the demo's world leaves room to tune: zero-shot accuracy clearly above chance and
 clearly below the ceiling on every task of the demo. The slow tests (`pytest -m slow tests/test_behaviour.py`,
-about half an hour on two cores) run `promptclip demo --full` (every method, three seeds, the three style
+about twenty minutes on two cores) run `promptclip demo --full` (every method, three seeds, the three style
 tasks and the misleading-background task) through the same runner, and assert each claim the world shows:
 the effect has the claimed sign and is at least three times its seed standard deviation
 (`promptclip.reports.claims`). docs/tiny-clip.md lists the measured table and the claims the world does
