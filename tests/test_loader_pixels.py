@@ -255,3 +255,21 @@ def test_a_run_on_a_cpu_loads_float_pixels_and_keeps_evaluation_crops_within_its
     loader = eval_loader(shapes, "test", cfg, SimpleNamespace(image_size=SIZE), CPU)  # type: ignore[arg-type]
     assert loader.pixels == "float" and loader.num_workers == 0 and loader.crop_cache is SHARED_CROP_CACHE
     assert device_options(load_run_config(None, ["data.crop_cache_mb", "0"]), CPU)["crop_cache"] is None
+
+
+def test_finishing_a_batch_makes_no_tensor_from_host_values_after_the_first(shapes, monkeypatch):
+    """On a GPU a tensor made from Python values is a copy that waits for the device's queue: the constants of
+    normalising and the nearest-neighbour indices are made once per device, not at every batch."""
+    from promptclip.data.device_pixels import collate_decoded, finish_batch
+
+    dataset = build_loader(shapes, "train", batch_size=4, image_size=SIZE, with_masks=True).dataset
+    batches = []
+    for pixels in ("decoded", "uint8"):
+        items = [dataset.item(index, pixels) for index in range(4)]
+        batches.append(collate_decoded(items) if pixels == "decoded" else torch.utils.data.default_collate(items))
+        finish_batch(batches[-1], SIZE, CPU)  # first use: the constants are made
+    made: list[tuple] = []
+    original = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or original(*a, **k))
+    finished = [finish_batch(batch, SIZE, CPU) for batch in batches]
+    assert made == [] and all(batch["image"].shape == (4, 3, SIZE, SIZE) for batch in finished)

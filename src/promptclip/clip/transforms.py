@@ -58,9 +58,17 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """CLIP-normalise ``[..., 3, H, W]`` pixels in [0, 1] with CLIP's per-channel mean and std."""
     if pixels.dim() < 3 or pixels.shape[-3] != 3:
         raise ValueError(f"normalize expects pixels shaped [..., 3, H, W], got {tuple(pixels.shape)}")
-    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    mean, std = _mean_and_std(pixels.dtype, pixels.device)
     return (pixels - mean) / std
+
+
+@functools.cache
+def _mean_and_std(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as ``[3, 1, 1]`` tensors, made once per device: a copy from the host at every batch
+    would make the host wait for the GPU's queue."""
+    mean = torch.tensor(CLIP_MEAN, dtype=dtype, device=device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=dtype, device=device).view(3, 1, 1)
+    return mean, std
 
 
 def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
@@ -254,10 +262,16 @@ class PairedTrainTransform(TrainTransform):
 def _nearest_indices(start: int, length: int, size: int, device: torch.device) -> torch.Tensor:
     """Source indices PIL's nearest-neighbour resize reads: output pixel centres, found by adding the step
     length / size to half a step in double precision, one pixel after another, and truncating."""
-    return start + torch.tensor(_pil_nearest_positions(length, size), device=device, dtype=torch.long)
+    return start + _nearest_positions_on(length, size, device)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)  # crop lengths vary with the drawn boxes
+def _nearest_positions_on(length: int, size: int, device: torch.device) -> torch.Tensor:
+    """`_pil_nearest_positions` as a tensor on `device`, copied there once per (length, size)."""
+    return torch.tensor(_pil_nearest_positions(length, size), device=device, dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=4096)
 def _pil_nearest_positions(length: int, size: int) -> tuple[int, ...]:
     step = length / size
     centre, positions = step * 0.5, []
