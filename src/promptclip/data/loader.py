@@ -368,14 +368,17 @@ class EpochLoader:
             yield finish_batch(batch, size, self.device) if self.device is not None or pixels != "float" else batch
 
     def _kept_batch(self, store: CropStore, indices: list[int], paths: list[str]) -> dict[str, Any]:
-        """A batch of kept crops, laid out as the DataLoader lays out read ones."""
-        images = store.get(paths)
-        return {
+        """A batch of kept crops, laid out as the DataLoader lays out read ones (pinned as it pins them: a copy
+        from pageable memory would wait for the GPU's queue)."""
+        batch: dict[str, Any] = {
             "label": torch.tensor([self.dataset.data[i].label for i in indices]),
             "index": torch.tensor(indices),
             "path": paths,
-            "image": images.pin_memory() if self.pin_memory else images,
+            "image": store.get(paths),
         }
+        if self.pin_memory:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
 
 
 def resolve_num_workers(num_workers: int, device: torch.device | str | None) -> int:
