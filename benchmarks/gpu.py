@@ -56,6 +56,7 @@ from speed_paths import (
     reencode_text_per_batch,
 )
 
+from promptclip.engine.compiling import mark_step_begin
 from promptclip.methods.base import PromptModel
 
 MIB = 2**20
@@ -191,6 +192,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def step(self) -> None:
+        if self.device.type == "cuda":
+            mark_step_begin()  # the graphs of a reduce-overhead step may reuse the last step's output memory
         with self._naive_context():
             loss = self._loss()
             if loss is not None:  # the one-image CoCoOp loop calls backward itself
@@ -380,11 +383,7 @@ def run_compiled(settings: Settings, eager: Any, results: Results, started: floa
 
 
 def compile_towers_with(clip: Any, mode: str | None, backend: str) -> None:
-    if backend == "inductor":
-        compile_towers(clip, mode or "default")
-        return
-    clip.visual.forward = torch.compile(clip.visual.forward, backend=backend)
-    clip.transformer.forward = torch.compile(clip.transformer.forward, backend=backend)
+    compile_towers(clip, mode or "default", backend)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -533,3 +533,112 @@ def test_compiled_towers_give_the_eager_features_and_gradients_in_one_graph(tiny
         assert torch.allclose(fused, eager, **close)
         for fused_grad, eager_grad in zip(fused_grads, eager_grads, strict=True):
             assert torch.allclose(fused_grad, eager_grad, **close)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.compile: the towers compiled while training
+# ---------------------------------------------------------------------------------------------------------
+
+COMPILED_CASES = [case for case in CASES if case.name in {"coop-end", "cocoop", "maple+dapt-s", "coop+dpc", "promptkd"}]
+
+
+class CapturingBackend:
+    """A torch.compile backend that keeps every graph dynamo captures and runs it as traced (the same
+    operators in the same order, no fused kernels): the engine's wiring is checked without a C++ toolchain."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        self.graphs.append(graph)
+        return graph.forward
+
+
+@pytest.fixture
+def fresh_dynamo() -> Any:
+    torch._dynamo.reset()  # no graph of another test (same Transformer.forward code) is reused
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=[case.name for case in COMPILED_CASES])
+def test_training_with_compiled_towers_captures_each_tower_once_and_keeps_the_eager_numbers(
+    build, case: Case, monkeypatch: pytest.MonkeyPatch, fresh_dynamo: Any
+) -> None:
+    from promptclip.engine import compiling
+    from promptclip.engine.compiling import towers
+
+    backend = CapturingBackend()
+    monkeypatch.setattr(compiling, "DEFAULT_BACKEND", backend)
+    batches = [make_batch(build(case).clip, seed=i) for i in range(3)]
+    eager, compiled = build(case, seed=5), build(case, seed=5)
+    Trainer(eager, batches, optim(epochs=2), progress=False).fit()
+    trainer = Trainer(compiled, batches, optim(epochs=2), progress=False, compile_mode="default")
+    graphs_per_epoch: list[int] = []
+    run_epoch = trainer._run_epoch
+
+    def counted_epoch(epoch: int) -> dict[str, Any]:
+        record = run_epoch(epoch)
+        graphs_per_epoch.append(len(backend.graphs))
+        return record
+
+    monkeypatch.setattr(trainer, "_run_epoch", counted_epoch)
+    trainer.fit()
+    assert graphs_per_epoch[0] > 0, "no tower ran compiled while training"
+    assert graphs_per_epoch[1] == graphs_per_epoch[0], "steps of the same shapes captured their towers again"
+    # The captured graphs run the eager operators in the eager order: the same numbers bit for bit.
+    for name, value in eager.trainable_state().items():
+        assert torch.equal(compiled.trainable_state()[name], value), name
+    assert all("forward" not in tower.__dict__ for tower in towers(compiled)), "a tower kept its compiled forward"
+    before = len(backend.graphs)
+    compiled.eval()
+    with torch.no_grad():
+        compiled.image_features(batches[0]["image"])
+    assert len(backend.graphs) == before, "evaluation must run the eager towers"
+
+
+def test_reduce_overhead_hands_out_copies_of_the_graph_outputs_and_keeps_the_numbers(
+    build, monkeypatch: pytest.MonkeyPatch, fresh_dynamo: Any
+) -> None:
+    from promptclip.engine import compiling
+    from promptclip.engine.compiling import CompiledTowers
+
+    case = next(case for case in CASES if case.name == "coop-end")
+    monkeypatch.setattr(compiling, "DEFAULT_BACKEND", CapturingBackend())
+    batches = [make_batch(build(case).clip, seed=i) for i in range(2)]
+    eager, compiled = build(case, seed=5), build(case, seed=5)
+    Trainer(eager, batches, optim(epochs=1), progress=False).fit()
+    Trainer(compiled, batches, optim(epochs=1), progress=False, compile_mode="reduce-overhead").fit()
+    for name, value in eager.trainable_state().items():
+        assert torch.equal(compiled.trainable_state()[name], value), name
+    # A CUDA graph's outputs are overwritten by its next replay: a kept output must be a copy of its own.
+    towers = CompiledTowers(compiled, "reduce-overhead")
+    images = batches[0]["image"]
+    with towers.installed(), torch.no_grad():
+        first = compiled.clip.visual(images)
+        second = compiled.clip.visual(images)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+
+
+def test_an_unknown_compile_mode_is_refused_with_the_modes(build) -> None:
+    from promptclip.config import ConfigError, load_run_config
+    from promptclip.engine.compiling import CompiledTowers
+
+    with pytest.raises(ValueError, match=r"model\.compile must be one of off, default, reduce-overhead"):
+        CompiledTowers(build(CASES[2]), "fast")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"model\.compile"):
+        load_run_config(None, ["model.compile", "fast"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # inductor compiles the towers' forward and backward graphs: minutes on a busy CPU
+@pytest.mark.skipif(compiles_here() is not None, reason=str(compiles_here()))
+def test_training_with_inductor_compiled_towers_follows_the_eager_run(build, fresh_dynamo: Any) -> None:
+    case = next(case for case in CASES if case.name == "maple")
+    batches = [make_batch(build(case).clip, seed=i) for i in range(3)]
+    eager, compiled = build(case, seed=5), build(case, seed=5)
+    Trainer(eager, batches, optim(epochs=1), progress=False).fit()
+    Trainer(compiled, batches, optim(epochs=1), progress=False, compile_mode="default").fit()
+    # Inductor fuses and reorders fp32 sums; three SGD steps at lr 0.01 carry those ulps into the prompts.
+    for name, value in eager.trainable_state().items():
+        assert torch.allclose(compiled.trainable_state()[name], value, rtol=1e-4, atol=1e-5), name

@@ -82,6 +82,8 @@ def test_augmentation_settings_are_in_the_identity_and_defaults_keep_earlier_ide
     # Cropping on the device may move a pixel by one level at a rounding tie; the crop cache changes nothing.
     assert identity_of({"data": {"crop_on_device": True}}).values["data.crop_on_device"] is True
     assert identity_of({"data": {"crop_cache_mb": 0, "num_workers": 3}}) == base
+    # Compiled towers change the float rounding only, as another device does.
+    assert identity_of({"model": {"arch": "tiny-vit", "weights": "random", "compile": "reduce-overhead"}}) == base
 
 
 def test_seeds_and_shots_share_a_variant_and_other_keys_do_not() -> None:

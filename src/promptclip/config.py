@@ -37,6 +37,9 @@ class ModelConfig:
     """Weights file when `arch` is a name; None looks in the weights folder."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """Autocast dtype for the frozen towers on GPU; parameters, logits and losses stay fp32."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """`torch.compile` the towers while training (evaluation stays eager): `reduce-overhead` also replays each
+    tower as a CUDA graph, which pays on a GPU at small batches; off by default (compiling takes a minute)."""
 
 
 @dataclass

@@ -36,6 +36,7 @@ from promptclip.engine.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from promptclip.engine.compiling import CompiledTowers, CompileMode
 from promptclip.engine.distributed import DataParallel
 from promptclip.engine.evaluate import autocast_context, move_batch, progress_enabled, store_frozen_towers
 from promptclip.engine.learner import Learner
@@ -271,6 +272,7 @@ class Trainer:
         generators: Mapping[str, torch.Generator] | None = None,
         data_parallel: DataParallel | None = None,
         log_every: int = LOG_EVERY,
+        compile_mode: CompileMode = "off",
     ) -> None:
         if optim.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be at least 1, got {optim.grad_accum}")
@@ -295,6 +297,7 @@ class Trainer:
         self.is_main = data_parallel is None or data_parallel.is_main
         learner.to(self.device)  # before the optimiser exists, so its state lives beside the parameters
         store_frozen_towers(learner, self.device, precision)
+        self.compiled = CompiledTowers(learner, compile_mode)
         trainable = learner.trainable_parameters()
         self.parameters = list(trainable.values())
         self._divergence_limit = DIVERGENCE_FACTOR * max([1.0, *largest_magnitudes(self.parameters).values()])
@@ -416,7 +419,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        with bar:
+        with bar, self.compiled.installed():
             try:
                 for index, batch, group_size, closes_group in self._micro_batches(num_batches):
                     terms, weight = self._backward(batch, group_size)
@@ -470,6 +473,7 @@ class Trainer:
         """Forward, loss and backward of one micro-batch: its detached fp32 loss terms (and their sum, `loss`),
         still on the device, and the weight of its share of the batch (data-parallel ranks)."""
         batch = move_batch(batch, self.device)
+        self.compiled.step_begins()
         with autocast_context(self.device, self.precision):
             output = self.learner(batch)
             terms = self.learner.loss(batch, output)

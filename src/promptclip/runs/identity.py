@@ -5,7 +5,8 @@ The identity is a flat mapping of dotted keys (`optim.lr`, `method_cfg.n_ctx`, `
 sweep reuses a finished run only when its identity is equal, and never writes over a run of another one.
 
 Left out on purpose: where the data and the runs live (`data.root`, `output_dir`), how the work is spread
-(`device`, `data.num_workers`, `data.eval_batch_size`, `data.crop_cache_mb`), and the recipe's *name* (its
+(`device`, `data.num_workers`, `data.eval_batch_size`, `data.crop_cache_mb`; `model.compile`, which like a
+change of device changes the float rounding only), and the recipe's *name* (its
 content is in). Keys added
 to the config after runs were recorded (`LATER_KEYS`) enter only with values other than their defaults, so
 the runs recorded before keep their identities; `data.crop_scale` and `data.flip` do not enter at all with
@@ -33,7 +34,15 @@ LEAF_KEYS = frozenset({"seed", "data.shots", "data.ratio", "data.selector"})
 EVALUATION_KEYS = frozenset({"protocol", "targets"})
 # Run-config keys that cannot change a run's numbers (see the module docstring).
 NEUTRAL_KEYS = frozenset(
-    {"output_dir", "device", "data.root", "data.num_workers", "data.eval_batch_size", "data.crop_cache_mb"}
+    {
+        "output_dir",
+        "device",
+        "data.root",
+        "data.num_workers",
+        "data.eval_batch_size",
+        "data.crop_cache_mb",
+        "model.compile",
+    }
 )
 SHORT = 8  # hex digits of a fingerprint shown in folder names and labels
 _DATA_DEFAULTS = to_dict(DataConfig())

@@ -234,6 +234,7 @@ def train(
         run_dir=planned.run_dir.path,
         device=device,
         precision=cfg.model.precision,
+        compile_mode=cfg.model.compile,
         progress=options.progress,
         tensorboard=options.tensorboard,
         log=log,
