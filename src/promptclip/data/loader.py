@@ -20,11 +20,16 @@ Given a `device`, a loader hands out batches already on it, their pixels finishe
 Deterministic crops (evaluation, training without augmentation) are kept in a memory-bounded `CropCache`
 (`promptclip.data.crop_cache`), so an image evaluated again is neither decoded nor resized again; the batches
 are bitwise those of the uncached path.
+
+Batches whose pixels are the same at every epoch (deterministic crops: evaluation, training without
+augmentation) also carry `PIXELS_KEY`: one int per image naming its pixels within the process, so that a
+learner may keep what it derives from them across epochs (PromptKD's frozen teacher features).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -59,6 +64,14 @@ logger = logging.getLogger("promptclip.data")
 IN_MEMORY_WARN_ITEMS = 20_000  # decoded full-size images cost ~0.5 MB each
 MAX_AUTO_WORKERS = 16
 _SHUFFLE, _SAMPLE, _WORKER, _BASE = 1, 2, 3, 4  # streams of derived seeds
+
+PIXELS_KEY = "pixels_key"
+"""Batch entry of a batch whose pixels repeat at every epoch: a list of ints, one per image, equal for the same
+image at every epoch and never equal for two images of the process (another dataset, another index). A list,
+not a tensor, so it stays on the host when the batch moves to a device and reading it waits for nothing. Absent
+when the crops are random. Code that changes a batch's images must drop it."""
+_INDEX_BITS = 32  # a pixel key is (the dataset's token << 32) | the image's index
+_DATASET_TOKENS = itertools.count()
 
 
 def derive_seed(*parts: int) -> int:
@@ -109,6 +122,7 @@ class SplitDataset(Dataset):
         self.with_masks = with_masks
         self.seed = seed
         self.epoch = 0
+        self.pixels_token = next(_DATASET_TOKENS)  # this dataset's part of its images' pixel keys
         self.transform: Any
         if self.random_crops:
             self.transform = (PairedTrainTransform if with_masks else TrainTransform)(
@@ -207,6 +221,13 @@ class SplitDataset(Dataset):
             (top, left, height, width), flip = self.transform.draw(image.width, image.height, generator)
             item[CROP_KEY] = torch.tensor([top, left, height, width, int(flip)])
         return item
+
+    def pixel_keys(self, indices: Sequence[int]) -> list[int] | None:
+        """The `PIXELS_KEY` entries of items `indices`; None when the crops are random (new pixels each epoch)."""
+        if self.random_crops:
+            return None
+        base = self.pixels_token << _INDEX_BITS
+        return [base | int(index) for index in indices]
 
     def crop_source(self) -> tuple[Any, object] | None:
         """(a name of where the images come from, an object to keep alive with it) for a `CropCache`, or None
@@ -311,7 +332,10 @@ class EpochLoader:
         self.dataset.epoch = self.epoch
         store = self._crop_store()
         if self.pixels == "float" and self.device is None and store is None:
-            return iter(self._data_loader(self.dataset, sampler=self._sampler()))
+            loaded = iter(self._data_loader(self.dataset, sampler=self._sampler()))
+            if not isinstance(self.dataset, SplitDataset):  # a stand-in that yields bare indices
+                return loaded
+            return (add_pixel_keys(batch, self.dataset) for batch in loaded)
         return self._batches(store)
 
     def _sampler(self) -> RandomSampler | SequentialSampler:
@@ -365,6 +389,7 @@ class EpochLoader:
                 batch = next(loaded)
                 if store is not None:
                     store.put(batch_paths, batch_signatures, batch["image"])
+            add_pixel_keys(batch, self.dataset)
             yield finish_batch(batch, size, self.device) if self.device is not None or pixels != "float" else batch
 
     def _kept_batch(self, store: CropStore, indices: list[int], paths: list[str]) -> dict[str, Any]:
@@ -379,6 +404,15 @@ class EpochLoader:
         if self.pin_memory:
             batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
+
+
+def add_pixel_keys(batch: dict[str, Any], dataset: SplitDataset) -> dict[str, Any]:
+    """`batch` (of `dataset`, its indices still on the host) with its `PIXELS_KEY` entry when its pixels repeat
+    at every epoch; changed in place."""
+    keys = dataset.pixel_keys(batch["index"].tolist())
+    if keys is not None:
+        batch[PIXELS_KEY] = keys
+    return batch
 
 
 def resolve_num_workers(num_workers: int, device: torch.device | str | None) -> int:

@@ -332,10 +332,12 @@ class ShardedTrainLoader:
                 f"a training batch of {short[0]} images cannot be shared among {self.group.world_size} ranks; "
                 "drop the last partial batch (the training loader's drop_last) or start fewer ranks"
             )
+        from promptclip.data.loader import add_pixel_keys
+
         mine = [batch[self.group.share(len(batch))] for batch in whole]
         for batch, indices in zip(_data_loader(self.loader, mine), whole, strict=True):
             batch[GLOBAL_BATCH_KEY] = len(indices)
-            yield batch
+            yield add_pixel_keys(batch, self.loader.dataset)  # the keys of this rank's share of the images
 
 
 class _RankEvalLoader:
@@ -349,10 +351,13 @@ class _RankEvalLoader:
         return len(self.group.rank_batches(range(len(self.loader))))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        from promptclip.data.loader import add_pixel_keys
+
         batches = self.group.rank_batches(global_batches(self.loader, self.loader.epoch))
         if not batches:
             return iter(())
-        return iter(_data_loader(self.loader, batches))
+        loaded = iter(_data_loader(self.loader, batches))
+        return (add_pixel_keys(batch, self.loader.dataset) for batch in loaded)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
