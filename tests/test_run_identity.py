@@ -86,6 +86,14 @@ def test_augmentation_settings_are_in_the_identity_and_defaults_keep_earlier_ide
     assert identity_of({"model": {"arch": "tiny-vit", "weights": "random", "compile": "reduce-overhead"}}) == base
 
 
+def test_promptkd_teacher_cache_is_not_in_the_identity() -> None:
+    # Kept teacher features were encoded beside other images: the float rounding changes, nothing else.
+    promptkd = {"method": "promptkd", "method_cfg": {"teacher_arch": ""}}
+    base = identity_of(promptkd)
+    assert identity_of({**promptkd, "method_cfg": {"teacher_arch": "", "teacher_cache_mb": 0}}) == base
+    assert identity_of({**promptkd, "method_cfg": {"teacher_arch": "", "kd_weight": 200.0}}) != base
+
+
 def test_seeds_and_shots_share_a_variant_and_other_keys_do_not() -> None:
     base = identity_of({})
     assert identity_of({}, seeds=[3]).variant_id == base.variant_id

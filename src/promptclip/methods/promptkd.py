@@ -15,10 +15,15 @@ for Aircraft, Flowers and DTD), plus an optional cross-entropy (weight 0 in the 
 PromptKD is transductive: it is trained on the unlabelled training images of *all* classes, including the
 ones later evaluated as "new". `transductive` (class attribute and config flag) marks it so runs and reports
 keep it apart from inductive methods.
+
+Without random augmentation the teacher would see the same pixels at every epoch: its image features are kept
+(`TeacherFeatureCache`, `teacher_cache_mb`) and the teacher's image tower runs in the first epoch only.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptclip.clip.model import CLIP
+from promptclip.config import ConfigError
+from promptclip.data.loader import PIXELS_KEY
 from promptclip.methods.base import Batch, LearnerOutput, PromptModel, RunNeeds, scaled_cosine_logits
 from promptclip.methods.ivlp import PromptLayout, TowerPrompts, check_layout, random_prompt
 from promptclip.methods.ivlp import convert_official_state as convert_official_prompts
@@ -36,6 +43,8 @@ from promptclip.registry import METHODS
 
 RANDOM_WEIGHTS = "random"
 TEACHER_TEXT_CACHE_SIZE = 4
+
+logger = logging.getLogger("promptclip.promptkd")
 
 
 @dataclass
@@ -58,6 +67,101 @@ class PromptKDConfig:
     """Weight of a cross-entropy on the labels; 0 in the paper (labels are not used)."""
     transductive: bool = True
     """Train on the unlabelled training images of all classes (the paper's protocol)."""
+    teacher_cache_mb: int = 1024
+    """Memory (on the training device) for the frozen teacher's image features of training images whose
+    pixels repeat at every epoch (`data.augment: none`): the teacher's image tower then runs in the first epoch
+    only. When full, later images are encoded at every epoch (said once in the log); 0 keeps none. Changes
+    the float rounding only (a kept feature was encoded beside other images), so it is not part of a run's
+    identity."""
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache_mb < 0:
+            raise ConfigError(
+                f"method_cfg.teacher_cache_mb: {self.teacher_cache_mb} must be 0 (keep no teacher features) or "
+                "more (e.g. --opts method_cfg.teacher_cache_mb 1024)"
+            )
+
+
+class TeacherFeatureCache:
+    """The frozen teacher's image features of training images whose pixels repeat at every epoch, by their
+    pixel key (`promptclip.data.loader.PIXELS_KEY`), within `max_bytes` of memory.
+
+    The features are derived data: never saved, and dropped whenever what they were computed with changes
+    (`follow`). When full, no more are added; the ones kept stay valid.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.rows: dict[int, torch.Tensor] = {}
+        self.nbytes = 0
+        self.hits = 0
+        """Images whose features came from the cache."""
+        self.misses = 0
+        """Images the teacher encoded while the cache was in use."""
+        self.full = False
+        self._settings: tuple[Any, ...] | None = None
+        self._tensors: list[tuple[weakref.ref[torch.Tensor], int, int]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def clear(self) -> None:
+        self.rows = {}
+        self.nbytes = 0
+        self.full = False
+        self._settings = None
+        self._tensors = []
+
+    def follow(self, tensors: Sequence[torch.Tensor], settings: tuple[Any, ...]) -> None:
+        """Keep the features only while the teacher's `tensors` are the same objects, at the same version and
+        storage, and the compute `settings` (device, dtype, autocast) are equal; else start empty."""
+        if settings == self._settings and self._same_tensors(tensors):
+            return
+        self.clear()
+        self._settings = settings
+        self._tensors = [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
+
+    def _same_tensors(self, tensors: Sequence[torch.Tensor]) -> bool:
+        # Weak references: a tensor freed and another one made at the same address never passes for it.
+        return len(tensors) == len(self._tensors) and all(
+            ref() is t and version == t._version and pointer == t.data_ptr()
+            for (ref, version, pointer), t in zip(self._tensors, tensors, strict=True)
+        )
+
+    def get(self, keys: Sequence[int]) -> torch.Tensor | None:
+        """The features [B, D] of `keys`, or None unless every one is kept."""
+        rows = self.rows
+        if not keys or any(key not in rows for key in keys):
+            return None
+        self.hits += len(keys)
+        return torch.stack([rows[key] for key in keys])
+
+    def put(self, keys: Sequence[int], features: torch.Tensor) -> None:
+        """Keep the rows of `features` [B, D] under `keys`, unless they do not fit."""
+        self.misses += len(keys)
+        new = [row for row, key in enumerate(keys) if key not in self.rows]
+        if not new or self.full:
+            return
+        features = features.detach()
+        if len(new) == len(keys):
+            kept, cost = features.unbind(0), features.untyped_storage().nbytes()  # views of the whole batch
+        else:
+            # Copies: views of a few rows would hold the whole batch's storage.
+            kept = tuple(features[row].clone() for row in new)
+            cost = sum(row.numel() * row.element_size() for row in kept)
+        if self.nbytes + cost > self.max_bytes:
+            self.full = True
+            logger.warning(
+                "promptkd: the teacher's image features of %d images fill method_cfg.teacher_cache_mb (%d MB); "
+                "the teacher encodes the others at every epoch (raise it to keep them all)",
+                len(self.rows),
+                self.max_bytes // 2**20,
+            )
+            return
+        self.nbytes += cost
+        for row, value in zip(new, kept, strict=True):
+            self.rows[keys[row]] = value
 
 
 class FeatureProjector(nn.Module):
@@ -113,6 +217,7 @@ class PromptKD(PromptModel):
             raise ValueError("promptkd: the student needs vision prompts; set n_ctx_vision and depth_vision > 0")
         if cfg.temperature <= 0:
             raise ValueError(f"promptkd: temperature must be > 0, got {cfg.temperature}")
+        self.teacher_cache = TeacherFeatureCache(cfg.teacher_cache_mb * 2**20)
         device = clip.token_embedding.weight.device
         self.vision = TowerPrompts(
             random_prompt((cfg.n_ctx_vision, clip.config.vision.width), device), cfg.depth_vision
@@ -169,17 +274,54 @@ class PromptKD(PromptModel):
         features = self.clip.encode_image(images, self.vision.ctx, self.vision.deep_prompts())
         return F.normalize(self.projector(features.float()).float(), dim=-1)
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher's logits over the current classes (no autograd)."""
+    def teacher_logits(self, images: torch.Tensor, pixel_keys: Sequence[int] | None = None) -> torch.Tensor:
+        """The frozen teacher's logits over the current classes (no autograd); `pixel_keys`: see
+        `teacher_image_features`."""
         with torch.no_grad():
-            image = self.teacher.image_features(images)
+            image = self.teacher_image_features(images, pixel_keys)
             return scaled_cosine_logits(self.teacher.logit_scale, image, self.teacher_text_features(self.classnames))
+
+    def teacher_image_features(self, images: torch.Tensor, pixel_keys: Sequence[int] | None = None) -> torch.Tensor:
+        """The teacher's normalised image features (call without autograd). In training, with the loader's
+        pixel keys of `images` (`PIXELS_KEY`: their pixels repeat at every epoch), they come from the teacher
+        cache when every image of the batch is kept; otherwise the teacher encodes the batch and its features
+        are kept."""
+        cache = self._usable_teacher_cache(images) if pixel_keys is not None else None
+        if cache is None:
+            return self.teacher.image_features(images)
+        assert pixel_keys is not None
+        if len(pixel_keys) != images.shape[0]:
+            raise ValueError(
+                f"promptkd: the batch has {len(pixel_keys)} '{PIXELS_KEY}' entries for {images.shape[0]} images; "
+                f"code that changes a batch's images must drop '{PIXELS_KEY}'"
+            )
+        kept = cache.get(pixel_keys)
+        if kept is not None:
+            return kept
+        features = self.teacher.image_features(images)
+        cache.put(pixel_keys, features)
+        return features
+
+    def _usable_teacher_cache(self, images: torch.Tensor) -> TeacherFeatureCache | None:
+        """The teacher cache, valid for the teacher's current tensors; None outside training, when it is off,
+        or while a wrapper trains some of the teacher's tensors (their features change at every step)."""
+        cache = self.teacher_cache
+        if not (cache.enabled and self.training):
+            return None
+        tensors = [*self.teacher.parameters(), *self.teacher.buffers()]
+        if any(t.requires_grad for t in tensors):
+            cache.clear()
+            return None
+        device = images.device.type
+        autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        cache.follow(tensors, (images.device, images.dtype, autocast))
+        return cache
 
     # -- loss --------------------------------------------------------------------------------------------
     def loss(self, batch: Batch, output: LearnerOutput) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         student = output.logits.float()
-        teacher = self.teacher_logits(batch["image"])
+        teacher = self.teacher_logits(batch["image"], batch.get(PIXELS_KEY))
         losses = {"kd": cfg.kd_weight * mean_kl(teacher, student, cfg.temperature)}
         if cfg.ce_weight:
             losses["ce"] = cfg.ce_weight * F.cross_entropy(student, batch["label"])
@@ -193,6 +335,11 @@ class PromptKD(PromptModel):
         super().train(mode)
         self.teacher.eval()  # the teacher never switches to training behaviour
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["teacher_cache"] = TeacherFeatureCache(self.teacher_cache.max_bytes)  # a copy starts empty
+        return state
 
 
 def load_teacher_clip(arch: str, weights: str | None, device: torch.device | str = "cpu") -> CLIP:

@@ -5,12 +5,11 @@ The identity is a flat mapping of dotted keys (`optim.lr`, `method_cfg.n_ctx`, `
 sweep reuses a finished run only when its identity is equal, and never writes over a run of another one.
 
 Left out on purpose: where the data and the runs live (`data.root`, `output_dir`), how the work is spread
-(`device`, `data.num_workers`, `data.eval_batch_size`, `data.crop_cache_mb`; `model.compile`, which like a
-change of device changes the float rounding only), and the recipe's *name* (its
-content is in). Keys added
-to the config after runs were recorded (`LATER_KEYS`) enter only with values other than their defaults, so
-the runs recorded before keep their identities; `data.crop_scale` and `data.flip` do not enter at all with
-`data.augment none`, where they change nothing.
+(`device`, `data.num_workers`, `data.eval_batch_size`, `data.crop_cache_mb`; `model.compile` and PromptKD's
+`method_cfg.teacher_cache_mb`, which like a change of device change the float rounding only), and the recipe's
+*name* (its content is in). Keys added to the config after runs were recorded (`LATER_KEYS`) enter only with
+values other than their defaults, so the runs recorded before keep their identities; `data.crop_scale` and
+`data.flip` do not enter at all with `data.augment none`, where they change nothing.
 
 Three fingerprints are derived from it:
 * `run_id`: the whole identity (one run);
@@ -42,6 +41,7 @@ NEUTRAL_KEYS = frozenset(
         "data.eval_batch_size",
         "data.crop_cache_mb",
         "model.compile",
+        "method_cfg.teacher_cache_mb",
     }
 )
 SHORT = 8  # hex digits of a fingerprint shown in folder names and labels
