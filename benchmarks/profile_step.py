@@ -38,6 +38,7 @@ from methods import CASES, build_learner, class_names, make_batch
 
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import arch_config
+from promptclip.engine.compiling import CompiledTowers
 
 H100_BF16_TFLOPS = 989.0
 COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_dot_product", "convolution")
@@ -111,9 +112,10 @@ def flops(trainer: Trainer) -> float:
     return float(counter.get_total_flops())
 
 
-def host_ms(trainer: Trainer, repeats: int) -> float:
+def host_ms(trainer: Trainer, repeats: int, warmup: int = 1) -> float:
     """Median CPU milliseconds of a step of the narrow model (its arithmetic is negligible)."""
-    trainer.step()
+    for _ in range(warmup):
+        trainer.step()
     times = []
     for _ in range(repeats):
         start = time.process_time()
@@ -122,27 +124,43 @@ def host_ms(trainer: Trainer, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def measure(name: str, classes: int, repeats: int) -> dict[str, Any]:
+def measure(name: str, classes: int, repeats: int, compiled: bool = False) -> dict[str, Any]:
     full = trainer_for(name, backbone(narrow=False), classes)
     result: dict[str, Any] = profile(full)
     result["gflop"] = flops(full) / 1e9
     narrow = trainer_for(name, backbone(narrow=True), classes)
     result["host_ms"] = host_ms(narrow, repeats)
     result["narrow_gflop"] = flops(narrow) / 1e9
+    if compiled:
+        result["host_ms_compiled"] = compiled_host_ms(name, classes, repeats)
     return result
 
 
+def compiled_host_ms(name: str, classes: int, repeats: int) -> float:
+    """Host ms of the narrow step with the towers compiled as `model.compile default` compiles them (inductor's
+    fused CPU kernels: the operators a compiled graph no longer dispatches one by one). Warm-up steps trace
+    and compile every graph the step needs (with and without gradients) before the timed ones."""
+    torch._dynamo.reset()
+    trainer = trainer_for(name, backbone(narrow=True), classes)
+    CompiledTowers(trainer.learner, "default").install()
+    return host_ms(trainer, repeats, warmup=3)
+
+
 def report(results: dict[str, dict[str, Any]], classes: int, command: str) -> str:
+    compiled = all("host_ms_compiled" in r for r in results.values())
     rows = [
         "| step (batch 4) | operators | of them matrix products / attention | their share of the CPU time |"
-        " host ms (narrow model) | GFLOP | H100 at the bf16 peak, ms | H100 at 40% of it, ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        " host ms (narrow model) |"
+        + (" host ms, towers compiled | host time removed by compiling |" if compiled else "")
+        + " GFLOP | H100 at the bf16 peak, ms | H100 at 40% of it, ms |",
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if compiled else "") + "---:|---:|---:|",
     ]
     for name, r in results.items():
         peak_ms = r["gflop"] / H100_BF16_TFLOPS
+        fused = f" {r['host_ms_compiled']:,.0f} | {1 - r['host_ms_compiled'] / r['host_ms']:.0%} |" if compiled else ""
         rows.append(
             f"| {name} | {r['ops']:,.0f} | {r['compute_ops']:,.0f} | {r['compute_share']:.0%} | {r['host_ms']:,.0f} |"
-            f" {r['gflop']:,.0f} | {peak_ms:.2f} | {peak_ms / 0.4:.2f} |"
+            f"{fused} {r['gflop']:,.0f} | {peak_ms:.2f} | {peak_ms / 0.4:.2f} |"
         )
     narrow = ", ".join(f"{name} {r['narrow_gflop']:.2f}" for name, r in results.items())
     return "\n".join(
@@ -159,7 +177,14 @@ def report(results: dict[str, dict[str, Any]], classes: int, command: str) -> st
             " Host ms: CPU time of the same step on a backbone with ViT-B/16's layers and text context but widths"
             f" of 8, one head and 32 px images, whose arithmetic is negligible (GFLOP: {narrow}): Python,"
             " autograd, the dispatcher and each operator's fixed cost, which a GPU run pays on the host at every"
-            " step. H100 columns: the step's FLOPs over the dense bf16 peak (989 TFLOP/s).",
+            " step. H100 columns: the step's FLOPs over the dense bf16 peak (989 TFLOP/s)."
+            + (
+                " Towers compiled: the same narrow step with `model.compile default` (inductor's fused CPU"
+                " kernels, measured after the warm-up steps that compile them); on a GPU `reduce-overhead`"
+                " also replays each tower's kernels as one CUDA graph launch, which removes more."
+                if compiled
+                else ""
+            ),
             "",
             *rows,
         ]
@@ -183,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="steps of the narrow model")
     parser.add_argument("--host-only", action="store_true", help="host ms at the recipes' batch sizes only")
+    parser.add_argument("--compiled", action="store_true", help="also host ms with the towers compiled (minutes)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -191,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     results = {}
     for name in args.cases.split(","):
-        results[name] = measure(name, args.classes, args.repeats)
+        results[name] = measure(name, args.classes, args.repeats, args.compiled)
         print(name, results[name], flush=True)
     arguments = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--no-write"]
     text = report(results, args.classes, "python benchmarks/profile_step.py" + "".join(f" {a}" for a in arguments))
