@@ -320,6 +320,32 @@ def test_dapt_views_equal_one_pass_and_three_passes(build, step: str) -> None:
         assert_same_gradients(gradients(naive, naive_loss), reference, atol=2e-5)  # type: ignore[arg-type]
 
 
+def test_background_sentences_are_tokenised_once_and_give_the_features_and_gradients_of_fresh_ids(
+    build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptclip.methods import ivlp
+
+    calls: list[int] = []
+    tokenize = ivlp.tokenize
+    monkeypatch.setattr(ivlp, "tokenize", lambda texts, **kw: calls.append(len(texts)) or tokenize(texts, **kw))
+    learner = build("maple")
+    sentences = ["a photo of the sky.", "a photo of grass.", "a photo of a wall."]
+    first = learner.encode_sentences(sentences)
+    again = learner.encode_sentences(sentences)
+    assert calls == [3], "the same sentences were tokenised again"
+    learner._sentence_cache = None  # the path without the kept ids
+    fresh = learner.encode_sentences(sentences)
+    assert torch.equal(again, fresh) and torch.equal(first, fresh)
+    params = list(learner.trainable_parameters().values())
+    kept = torch.autograd.grad(again.sum(), params, allow_unused=True)
+    fresh_grads = torch.autograd.grad(fresh.sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in kept), "the deep text prompts get no gradient"
+    for a, b in zip(kept, fresh_grads, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    learner.encode_sentences(sentences[:2])  # another list: tokenised
+    assert calls == [3, 3, 2]
+
+
 # -- DPC: stage-1 class features encoded once -----------------------------------------------------------------
 
 

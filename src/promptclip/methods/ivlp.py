@@ -218,6 +218,7 @@ class DeepPromptModel(PromptModel):
             self.text = TowerPrompts(initial, self.layout.depth_text)
         self._parts: PromptParts | None = None
         self._frozen_text_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._sentence_cache: tuple[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] | None = None
 
     # -- text side ---------------------------------------------------------------------------------------
     def prompt_parts(self, names: Sequence[str]) -> PromptParts:
@@ -252,23 +253,34 @@ class DeepPromptModel(PromptModel):
         """Normalised features of hand-written sentences (e.g. background prompts) through the deep text
         prompts: layer 0 reads the sentence's own tokens, layers 1..depth-1 get the learned prompts in
         positions 1..n_ctx, as in every prompted sequence."""
-        tokens = tokenize(list(sentences), context_length=self.clip.context_length)
-        eot_index, length = end_of_text(tokens)
-        tokens = tokens.to(self.clip.token_embedding.weight.device)
+        tokens, embeddings, eot_index, length = self._sentence_inputs(sentences)
         if self.text is None:
             with torch.no_grad():
                 return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
-        with torch.no_grad():
-            embeddings = self.clip.token_embedding(tokens).float()
         return encode_prompt_embeddings(
             self.clip,
             embeddings,
-            eot_index.to(tokens.device),
+            eot_index,
             self.text.deep_prompts(),
             chunk_size=self._chunk_size(),
             checkpoint=self._checkpoint(),
             text_length=length,
         )
+
+    def _sentence_inputs(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(token ids, their frozen token embeddings, end-of-text positions, text length) of `sentences` on the
+        model's device, kept for the last sentence list: DAPT encodes the same background sentences at every
+        step, and tokenising them and copying the ids to the device is host work the step would wait for."""
+        weight = self.clip.token_embedding.weight
+        key = (tuple(sentences), weight.device, weight._version)
+        if self._sentence_cache is None or self._sentence_cache[0] != key:
+            tokens = tokenize(list(sentences), context_length=self.clip.context_length)
+            eot_index, length = end_of_text(tokens)
+            tokens = tokens.to(weight.device)
+            with torch.no_grad():
+                embeddings = self.clip.token_embedding(tokens).float()
+            self._sentence_cache = (key, (tokens, embeddings, eot_index.to(weight.device), length))
+        return self._sentence_cache[1]
 
     def text_features(self) -> torch.Tensor:
         if self.text is not None:
