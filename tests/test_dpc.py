@@ -280,6 +280,24 @@ def test_the_full_library_needs_the_full_training_split(clip) -> None:
     assert len(dpc.picture_library()) == 25
 
 
+def test_the_picture_library_takes_the_runs_augmentation_from_the_context(clip) -> None:
+    from promptclip.clip.transforms import Augmentation, EvalTransform, TrainTransform
+
+    dpc = build_dpc(clip, "coop")
+    assert isinstance(dpc.picture_library().transform, TrainTransform)  # the field's crops by default
+    assert dpc.picture_library().transform.scale == (0.08, 1.0)
+    for augmentation, kind in (
+        (Augmentation(scale=(0.5, 1.0), flip_p=0.0), TrainTransform),
+        (Augmentation(False), EvalTransform),
+    ):
+        dpc = build_dpc(clip, "coop")
+        dpc.context.augmentation = augmentation
+        transform = dpc.picture_library().transform
+        assert isinstance(transform, kind)
+        if isinstance(transform, TrainTransform):
+            assert (transform.scale, transform.flip_p) == ((0.5, 1.0), 0.0)
+
+
 # -- compat: released --------------------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from promptclip.data.datasets.base import Datum
 from promptclip.plugins import hard_negatives
 from promptclip.plugins.hard_negatives import (
     PictureLibrary,
+    PictureRequest,
     PictureWorkers,
     contrastive_logits,
     rank_candidates,
@@ -151,6 +153,34 @@ def test_picture_library_draws_a_picture_of_each_requested_class() -> None:
     assert drawn.images.shape == (3, 3, 16, 16)
     assert drawn.labels.tolist() == [2, 0, 2]
     assert [p.split("/")[1][0] for p in drawn.paths] == ["2", "0", "2"]
+
+
+def test_the_negatives_pictures_are_augmented_as_the_runs_training_images() -> None:
+    from promptclip.clip.transforms import Augmentation, EvalTransform, TrainTransform
+
+    splits = picture_splits(["a", "b"], per_class=1)  # one picture per class: the draw picks only the crop
+    picture = splits.load_image(splits.train[1])
+    requests = PictureLibrary.from_splits(splits, image_size=16).requests([1, 1, 1], torch.Generator().manual_seed(3))
+
+    def rendered(augmentation: Augmentation) -> list[torch.Tensor]:
+        library = PictureLibrary.from_splits(splits, image_size=16, augmentation=augmentation)
+        return [torch.from_numpy(library.render(request)[0]) for request in requests]
+
+    def expected(transform: TrainTransform | EvalTransform, request: PictureRequest) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(request.seed)
+        torch.randint(1, (1,), generator=generator)  # the library's choice among the class's one picture
+        made = (
+            transform.augment(picture, generator) if isinstance(transform, TrainTransform) else transform.crop(picture)
+        )
+        return torch.from_numpy(np.array(made, dtype=np.uint8))
+
+    # Without augmentation every negative is the evaluation crop; with the run's crops, those crops and flips.
+    no_augment = rendered(Augmentation(random_crops=False))
+    assert all(torch.equal(p, expected(EvalTransform(16), r)) for p, r in zip(no_augment, requests, strict=True))
+    half = TrainTransform(16, scale=(0.5, 1.0), flip_p=0.0)
+    run_crops = rendered(Augmentation(scale=(0.5, 1.0), flip_p=0.0))
+    assert all(torch.equal(p, expected(half, r)) for p, r in zip(run_crops, requests, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(run_crops, rendered(Augmentation()), strict=True))
 
 
 def test_a_small_library_is_decoded_once() -> None:

@@ -94,6 +94,16 @@ def test_promptkd_teacher_cache_is_not_in_the_identity() -> None:
     assert identity_of({**promptkd, "method_cfg": {"teacher_arch": "", "kd_weight": 200.0}}) != base
 
 
+def test_dpc_runs_whose_negatives_now_follow_other_augmentation_get_a_key_of_their_own() -> None:
+    # DPC's negatives took the field's crops whatever the run said; runs with other settings changed numbers.
+    dpc = {"method": "coop+dpc", "plugins": {"dpc": {}}}
+    key = "plugins.dpc.negatives_augmented_as"
+    assert key not in identity_of(dpc).values  # the field's augmentation: numbers and identities unchanged
+    for data in ({"crop_scale": [0.5, 1.0]}, {"flip": False}, {"augment": "none"}):
+        assert identity_of({**dpc, "data": data}).values[key] == "data", data
+    assert key not in identity_of({"data": {"crop_scale": [0.5, 1.0]}}).values  # no DPC, no key
+
+
 def test_seeds_and_shots_share_a_variant_and_other_keys_do_not() -> None:
     base = identity_of({})
     assert identity_of({}, seeds=[3]).variant_id == base.variant_id

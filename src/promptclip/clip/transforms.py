@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -198,6 +199,35 @@ def _centre_crop_box_within_ratio(width: int, height: int, ratio: Sequence[float
 
 def _draw_flip(flip_p: float, generator: torch.Generator | None) -> bool:
     return torch.rand(1, generator=generator).item() < flip_p
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """A run's training augmentation: random resized crops of area `scale`, flipped with probability `flip_p`,
+    or none (`random_crops` false: the evaluation crop, the same pixels every time)."""
+
+    random_crops: bool = True
+    scale: tuple[float, float] = DEFAULT_SCALE
+    flip_p: float = 0.5
+
+    def transform(self, image_size: int) -> TrainTransform | EvalTransform:
+        """The transform that makes this augmentation's pictures (see `augmented_picture`)."""
+        if not self.random_crops:
+            return EvalTransform(image_size)
+        return TrainTransform(image_size, scale=self.scale, flip_p=self.flip_p)
+
+
+FIELD_AUGMENTATION = Augmentation()  # the field's random resized crop (8-100% of the area) and flip
+
+
+def augmented_picture(
+    transform: TrainTransform | EvalTransform, image: Image.Image, generator: torch.Generator | None
+) -> Image.Image:
+    """The 8-bit picture `transform` makes of `image`: a random crop and flip drawn from `generator`, or the
+    evaluation crop."""
+    if isinstance(transform, TrainTransform):
+        return transform.augment(image, generator)
+    return transform.crop(image)
 
 
 class TrainTransform:

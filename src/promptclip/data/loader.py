@@ -36,7 +36,7 @@ import random
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from promptclip.clip.pixels import to_rgb
 from promptclip.clip.transforms import (
+    Augmentation,
     EvalTransform,
     PairedEvalTransform,
     PairedTrainTransform,
@@ -58,6 +59,9 @@ from promptclip.data.datasets.base import DatasetError, DatasetSplits, Datum, Sp
 from promptclip.data.device_pixels import CROP_KEY, PIXEL_FORMATS, PixelFormat, collate_decoded, finish_batch
 from promptclip.data.fewshot import Subset, fewshot_splits, subsample_classes
 from promptclip.data.masks import MaskConfig, MaskError, align_mask, attach_masks, full_mask
+
+if TYPE_CHECKING:
+    from promptclip.config import DataConfig
 
 logger = logging.getLogger("promptclip.data")
 
@@ -413,6 +417,12 @@ def add_pixel_keys(batch: dict[str, Any], dataset: SplitDataset) -> dict[str, An
     if keys is not None:
         batch[PIXELS_KEY] = keys
     return batch
+
+
+def training_augmentation(data: DataConfig) -> Augmentation:
+    """The augmentation of a run's training images (`data.augment`, `data.crop_scale`, `data.flip`)."""
+    scale = (float(data.crop_scale[0]), float(data.crop_scale[1]))
+    return Augmentation(data.augment != "none", scale, 0.5 if data.flip else 0.0)
 
 
 def resolve_num_workers(num_workers: int, device: torch.device | str | None) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -36,6 +36,7 @@ from torch import nn
 
 from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP, ArchConfig
+from promptclip.clip.transforms import Augmentation
 from promptclip.config import from_dict, to_dict
 from promptclip.io import atomic_write_json, atomic_write_with
 from promptclip.registry import METHODS, PLUGINS
@@ -85,6 +86,9 @@ class RunNeeds:
     """Chooses hyper-parameters on the validation split's draw (`min(K, 4)` images per class; the linear
     probe's C): the run checks its images with the training images, and stops before any work when it is
     empty."""
+    identity: dict[str, Any] = field(default_factory=dict)
+    """Keys the runs' identity takes beyond the config: what a learner's numbers depend on that its config
+    does not say (e.g. a behaviour that changed for some configs since earlier runs were recorded)."""
 
     def merge(self, outer: RunNeeds) -> RunNeeds:
         """The needs of a stack: this (inner) learner's, then those of a plug-in wrapped around it."""
@@ -96,6 +100,7 @@ class RunNeeds:
             transductive=self.transductive or outer.transductive,
             full_training_classes=self.full_training_classes or outer.full_training_classes,
             validation=self.validation or outer.validation,
+            identity={**self.identity, **outer.identity},
         )
 
 
@@ -114,6 +119,9 @@ class PluginContext:
     num_workers: int = 0
     """The run's data-loading worker processes (`data.num_workers`): a plug-in that prepares images of its
     own per step (DPC's negatives) may use as many; 0: in the main process."""
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    """The run's training augmentation (`data.augment`, `crop_scale`, `flip`): images a plug-in prepares
+    itself (DPC's negatives) are augmented as the training images are."""
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ from torch import nn
 
 from promptclip.classnames import prompt_names
 from promptclip.clip.model import CLIP
+from promptclip.clip.transforms import FIELD_AUGMENTATION
 from promptclip.config import ConfigError, RunConfig, build_run_config, from_dict, load_recipe, to_dict
-from promptclip.data.loader import derive_seed
+from promptclip.data.loader import derive_seed, training_augmentation
 from promptclip.io import atomic_write_with
 from promptclip.methods.base import (
     CONFIG_FILE,
@@ -215,7 +216,11 @@ class DPC(PluginModel):
     def needs(cls, cfg: DPCConfig, run: RunConfig) -> RunNeeds:
         """A stage-1 run of the learner this plug-in wraps (unless `stage1_prompt` names a saved one), and with
         `library: full` the training classes' full image set for the hard negatives' pictures."""
-        return RunNeeds(stage1=stage1_plan(run, cls.name), full_training_classes=cfg.library == "full")
+        return RunNeeds(
+            stage1=stage1_plan(run, cls.name),
+            full_training_classes=cfg.library == "full",
+            identity=negatives_identity(run, cls.name),
+        )
 
     def __init__(self, inner: PromptModel, cfg: DPCConfig, context: PluginContext | None = None) -> None:
         check_dpc_config(cfg)
@@ -642,7 +647,17 @@ def build_picture_library(
             f"({len(classnames)}); build it from the same class subset"
         )
     source = "full train split" if cfg.library == "full" else "few-shot train"
-    return PictureLibrary.from_splits(splits, clip.image_size, source=source)
+    return PictureLibrary.from_splits(splits, clip.image_size, source=source, augmentation=context.augmentation)
+
+
+def negatives_identity(run: RunConfig, name: str = "dpc") -> dict[str, Any]:
+    """The negatives' pictures follow the run's augmentation; they were cropped with the field's defaults
+    (8-100% of the area, flipped) whatever the run said before. Runs with other augmentation settings get a
+    key of their own, so that a run recorded before is not taken for one of today; runs with the defaults,
+    whose numbers did not change, keep their identities."""
+    if training_augmentation(run.data) == FIELD_AUGMENTATION:
+        return {}
+    return {f"plugins.{name}.negatives_augmented_as": "data"}
 
 
 def stage1_plan(cfg: RunConfig, name: str = "dpc") -> StagePlan | None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from promptclip.clip.transforms import TrainTransform, normalize_uint8
+from promptclip.clip.transforms import FIELD_AUGMENTATION, Augmentation, augmented_picture, normalize_uint8
 from promptclip.data.datasets.base import DatasetError, DatasetSplits, Datum
 from promptclip.methods.base import scaled_cosine_logits
 
@@ -193,11 +193,12 @@ class PictureLibrary:
         image_size: int,
         preload: bool | None = None,
         source: str = "given",
+        augmentation: Augmentation = FIELD_AUGMENTATION,
     ) -> None:
         self.splits = splits
         self.num_classes = num_classes
         self.source = source
-        self.transform = TrainTransform(image_size)
+        self.transform = augmentation.transform(image_size)  # the run's, as its anchors are augmented
         self.by_class: list[list[Datum]] = [[] for _ in range(num_classes)]
         for datum in data:
             if not 0 <= datum.label < num_classes:
@@ -217,9 +218,14 @@ class PictureLibrary:
 
     @classmethod
     def from_splits(
-        cls, splits: DatasetSplits, image_size: int, preload: bool | None = None, source: str = "few-shot train"
+        cls,
+        splits: DatasetSplits,
+        image_size: int,
+        preload: bool | None = None,
+        source: str = "few-shot train",
+        augmentation: Augmentation = FIELD_AUGMENTATION,
     ) -> PictureLibrary:
-        return cls(splits, splits.train, splits.num_classes, image_size, preload, source)
+        return cls(splits, splits.train, splits.num_classes, image_size, preload, source, augmentation)
 
     def __len__(self) -> int:
         return sum(len(items) for items in self.by_class)
@@ -241,11 +247,13 @@ class PictureLibrary:
         return [PictureRequest(int(label), seed) for label, seed in zip(classes, seeds, strict=True)]
 
     def render(self, request: PictureRequest) -> tuple[np.ndarray, str]:
-        """The picture of `request`, chosen, cropped, resized and flipped: [S, S, 3] uint8, and its path."""
+        """The picture of `request`, chosen and augmented as the run's training images are (cropped, resized
+        and flipped, or the evaluation crop without augmentation): [S, S, 3] uint8, and its path."""
         generator = torch.Generator().manual_seed(request.seed)
         items = self.by_class[request.label]
         datum = items[int(torch.randint(len(items), (1,), generator=generator))]
-        return np.array(self.transform.augment(self._image(datum), generator), dtype=np.uint8), datum.path
+        picture = augmented_picture(self.transform, self._image(datum), generator)
+        return np.array(picture, dtype=np.uint8), datum.path
 
     def render_all(self, requests: Sequence[PictureRequest], workers: PictureWorkers | None = None) -> RenderedPictures:
         """Every request rendered, in the worker processes when given, else here."""

@@ -137,6 +137,7 @@ def run_identity(
     ratio: float | None = None,
     selector: str | None = None,
     stage1: RunIdentity | None = None,
+    learner: Mapping[str, Any] | None = None,
 ) -> RunIdentity:
     """The identity of one run of `cfg` (dataset, shots, class subset and seed filled in by the spec).
 
@@ -144,7 +145,8 @@ def run_identity(
     the training data, independent of where it lives (`data.source.<dataset>.*`: name, options, the content of
     files that options name), `target_datasets` that of the other datasets it evaluates on (`targets.data.*`);
     `backbone` holds `arch` and `weights_sha256`; `stage1` is the identity
-    of a run this one starts from (its keys go under `stage1.`)."""
+    of a run this one starts from (its keys go under `stage1.`); `learner` holds the keys the learner adds
+    (`RunNeeds.identity`)."""
     values = config_identity(cfg)
     values["data.dataset"] = dataset_name
     for dataset, identity in sorted(datasets.items()):
@@ -159,6 +161,7 @@ def run_identity(
         values["data.selector"] = selector
     if stage1 is not None:
         values.update({f"stage1.{k}": v for k, v in stage1.values.items() if k not in LEAF_KEYS})
+    values.update({k: _json_value(v) for k, v in (learner or {}).items()})
     return RunIdentity(values)
 
 

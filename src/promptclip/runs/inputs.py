@@ -17,7 +17,7 @@ from promptclip.data.datasets import DatasetSplits, build_dataset
 from promptclip.data.datasets.base import SplitName
 from promptclip.data.datasets.check import screen_images
 from promptclip.data.fewshot import fewshot_splits, subsample_classes
-from promptclip.data.loader import build_loader
+from promptclip.data.loader import build_loader, training_augmentation
 from promptclip.protocols.spec import EvalTarget, RunSpec, dataset_options
 from promptclip.runs.errors import RunError
 
@@ -269,6 +269,7 @@ def load_backbone(cfg: RunConfig, device: torch.device, allow_torchscript: bool 
 def train_loader(
     splits: DatasetSplits, cfg: RunConfig, clip: CLIP, seed: int, device: torch.device, masks: bool
 ) -> Any:
+    augmentation = training_augmentation(cfg.data)
     return build_loader(
         splits,
         "train",
@@ -278,9 +279,9 @@ def train_loader(
         num_workers=cfg.data.num_workers,
         with_masks=masks,
         in_memory=len(splits.train) <= IN_MEMORY_MAX_IMAGES,
-        augment=cfg.data.augment != "none",
-        scale=cfg.data.crop_scale,
-        flip_p=0.5 if cfg.data.flip else 0.0,
+        augment=augmentation.random_crops,
+        scale=augmentation.scale,
+        flip_p=augmentation.flip_p,
         **device_options(cfg, device),
     )
 

@@ -73,6 +73,7 @@ def plan_run(spec: RunSpec, cfg: RunConfig) -> PlannedRun:
         ratio=spec.ratio,
         selector=spec.selector,
         stage1=stage1.identity if stage1 is not None else None,
+        learner=needs.identity,
     )
     if spec.runs_root is None:
         folder = spec.run_dir

@@ -13,7 +13,7 @@ import torch
 from promptclip.clip.model import CLIP
 from promptclip.data.datasets import DatasetSplits
 from promptclip.data.fewshot import subsample_classes
-from promptclip.data.loader import resolve_num_workers
+from promptclip.data.loader import resolve_num_workers, training_augmentation
 from promptclip.engine.checkpoint import seed_everything
 from promptclip.engine.distributed import current_data_parallel, is_main_process
 from promptclip.engine.train import MetricsFile, Trainer
@@ -82,7 +82,9 @@ def run_work(planned: PlannedRun, options: RunOptions, log: Log) -> RunResults:
     else:
         full = subsample_classes(source, spec.train_subsample) if planned.needs.full_training_classes else None
         workers = resolve_num_workers(cfg.data.num_workers, device)  # -1: as many as the device needs
-        context = PluginContext(splits, spec.seed, planned.run_dir.path, stage1_dir, full, workers)
+        context = PluginContext(
+            splits, spec.seed, planned.run_dir.path, stage1_dir, full, workers, training_augmentation(cfg.data)
+        )
         learner = build_learner(planned, clip, splits, context).to(device)
         log(learner.parameter_summary())
         check_targets_servable(learner, planned, datasets, splits)
