@@ -14,7 +14,9 @@ Each function or context manager here switches one optimisation off and computes
 * `dapt_one_graph_pass(learner)`: all three DAPT views in one batched pass with the graph (promptclip's
   earlier path);
 * `dpc_rescoring(learner)`: DPC's hard-negative sampler encodes the stage-1 class features at every step
-  instead of once per class set.
+  instead of once per class set;
+* `promptkd_teacher_every_epoch(learner)`: PromptKD's frozen teacher encodes the training images at every epoch
+  even when their pixels repeat (no teacher feature cache).
 
 tests/test_speed_paths.py checks that every naive path gives the optimised path's outputs and gradients
 within float tolerance, so the benchmark compares two ways of computing the same numbers.
@@ -30,6 +32,7 @@ import torch
 
 from promptclip.clip.model import CLIP
 from promptclip.methods.base import LearnerOutput, PromptModel
+from promptclip.methods.promptkd import PromptKD, TeacherFeatureCache
 
 Batch = Mapping[str, Any]
 
@@ -145,3 +148,14 @@ def dpc_rescoring(learner: Any) -> Iterator[None]:
         yield
     finally:
         del learner.stage1_class_features
+
+
+@contextlib.contextmanager
+def promptkd_teacher_every_epoch(learner: PromptKD) -> Iterator[None]:
+    """PromptKD's teacher encodes every training batch while inside; the features kept before stay kept."""
+    kept = learner.teacher_cache
+    learner.teacher_cache = TeacherFeatureCache(0)
+    try:
+        yield
+    finally:
+        learner.teacher_cache = kept

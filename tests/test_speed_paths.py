@@ -1,7 +1,7 @@
 """Every speed-up gives the numbers of the slow path it replaces (the naive paths of benchmarks/speed_paths.py):
 end-of-text truncation, class features cached at evaluation, image features kept across evaluations, class
 chunks with activation checkpointing, batched CoCoOp, DAPT's views (stop-gradient targets without a graph, the
-others in the whole image's pass), DPC's cached ranking features and
+others in the whole image's pass), DPC's cached ranking features, PromptKD's kept teacher image features and
 decoded few-shot images kept in memory. On a tiny random CLIP."""
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from speed_paths import (
     dapt_three_passes,
     dpc_rescoring,
     full_context,
+    promptkd_teacher_every_epoch,
     reencode_text_per_batch,
 )
 
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import arch_config
 from promptclip.data.datasets.base import DatasetSplits, Datum
-from promptclip.data.loader import build_loader
+from promptclip.data.loader import PIXELS_KEY, build_loader
 from promptclip.engine.evaluate import ImageFeatureCache, evaluate
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import wrap_with_plugins
@@ -359,6 +360,22 @@ def test_dpc_ranking_from_cached_features_equals_encoding_them_every_step(tiny_c
     assert "stage1_class_features" not in learner.__dict__  # the naive path is undone
     assert torch.equal(cached[0], cached[1])
     torch.testing.assert_close(cached[0], encoded, rtol=0, atol=1e-6)
+
+
+# -- PromptKD's teacher image features kept across epochs ---------------------------------------------------------
+
+
+def test_promptkd_kept_teacher_features_give_the_loss_of_encoding_them_again(tiny_clip) -> None:
+    learner = get_prompt_model(tiny_clip, {"method": "promptkd", "depth_vision": 2, "teacher_arch": ""}, NAMES)
+    learner.train()
+    batch = {"image": images(4), "label": torch.arange(4), PIXELS_KEY: [10, 11, 12, 13]}  # pixels that repeat
+    first = learner.loss(batch, learner(batch))["kd"]  # encodes and keeps
+    kept = learner.loss(batch, learner(batch))["kd"]
+    assert learner.teacher_cache.hits == 4
+    with promptkd_teacher_every_epoch(learner):
+        encoded = learner.loss(batch, learner(batch))["kd"]
+    assert learner.teacher_cache.hits == 4 and len(learner.teacher_cache.rows) == 4  # the naive path is undone
+    assert torch.equal(first, kept) and torch.equal(kept, encoded)  # the same batch: bitwise
 
 
 # -- decoded few-shot images kept in memory --------------------------------------------------------------------
