@@ -144,12 +144,10 @@ class TeacherFeatureCache:
         if not new or self.full:
             return
         features = features.detach()
-        if len(new) == len(keys):
-            kept, cost = features.unbind(0), features.untyped_storage().nbytes()  # views of the whole batch
-        else:
-            # Copies: views of a few rows would hold the whole batch's storage.
-            kept = tuple(features[row].clone() for row in new)
-            cost = sum(row.numel() * row.element_size() for row in kept)
+        # A whole batch is kept as views of its rows; a few new rows are copied out, since a view of one row
+        # would hold the storage of its whole batch.
+        whole = len(new) == len(keys)
+        cost = features.untyped_storage().nbytes() if whole else len(new) * features[0].nbytes
         if self.nbytes + cost > self.max_bytes:
             self.full = True
             logger.warning(
@@ -160,8 +158,8 @@ class TeacherFeatureCache:
             )
             return
         self.nbytes += cost
-        for row, value in zip(new, kept, strict=True):
-            self.rows[keys[row]] = value
+        for row in new:
+            self.rows[keys[row]] = features[row] if whole else features[row].clone()
 
 
 class FeatureProjector(nn.Module):
