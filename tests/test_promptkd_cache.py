@@ -196,6 +196,10 @@ def test_a_data_parallel_share_carries_the_keys_of_its_own_images(shapes) -> Non
         for share in (first, second):
             assert len(share[PIXELS_KEY]) == share["image"].shape[0] < batch["image"].shape[0]
             assert keys_by_index([share]) == {i: keys_by_index(whole)[i] for i in share["index"].tolist()}
+    # Evaluation ranks take whole batches, keys included.
+    evaluation = build_loader(shapes, "test", batch_size=BATCH, image_size=IMAGE_SIZE)
+    rank_batches = list(DataParallel(1, 2, 1, torch.device("cpu")).shard_eval_loader(evaluation))
+    assert [b[PIXELS_KEY] for b in rank_batches] == [b[PIXELS_KEY] for b in list(evaluation)[1::2]]
 
 
 # -- the teacher cache --------------------------------------------------------------------------------------------
