@@ -31,7 +31,6 @@ NOT_SHOWN: frozenset[str] = frozenset(
         "DAPT raises MaPLe's accuracy when training backgrounds mislead",
         "DAPT raises CoOp's accuracy when training backgrounds mislead",
         "DAPT-S (exact masks) is at least as good as DAPT-G (Grad-CAM masks)",
-        "CoOp + DPC raises base accuracy over its stage-1 CoOp",
         "MaPLe + DPC raises base accuracy over its stage-1 MaPLe",
         "DPC as a plug-in beats DePT on MaPLe (HM)",
     }
