@@ -202,7 +202,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Train zero-shot CLIP, CoOp and the other installed methods on the base classes of "
         "synthetic tasks with the bundled tiny-synthetic CLIP, test on base and new classes over several "
         "seeds, print the base/new/HM table and one line per claim of the papers, and write a plot. No "
-        "download; the quick profile takes under two minutes on two cores, --full about twenty minutes.",
+        "download; the quick profile takes about two minutes of two cores, --full about twenty minutes.",
     )
     parser.add_argument(
         "--out",
