@@ -43,16 +43,20 @@ def make_teacher(make_clip: Callable[..., CLIP]) -> Callable[..., PromptModel]:
     """make_teacher(seed): a prompted teacher (PromptSRC layout) with trained-looking prompts."""
 
     def build(seed: int = 1) -> PromptModel:
-        teacher = get_prompt_model(
-            make_clip("teacher", seed), {"method": "promptsrc", "depth_text": 2, "depth_vision": 2}, NAMES
-        )
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in teacher.trainable_parameters().values():
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
-        return teacher
+        return prompted_teacher(make_clip("teacher", seed), NAMES, seed)
 
     return build
+
+
+def prompted_teacher(clip: CLIP, classnames: list[str], seed: int) -> PromptModel:
+    """A PromptSRC-layout teacher on `clip` whose prompts look trained: moved off their initial values by
+    noise drawn from `seed`."""
+    teacher = get_prompt_model(clip, {"method": "promptsrc", "depth_text": 2, "depth_vision": 2}, classnames)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in teacher.trainable_parameters().values():
+            param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    return teacher
 
 
 @pytest.fixture

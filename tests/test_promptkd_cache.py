@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_promptkd import prompted_teacher
 
 from promptclip.config import ConfigError, build_run_config
 from promptclip.data.crop_cache import CropCache
@@ -19,7 +20,7 @@ from promptclip.data.datasets import build_dataset
 from promptclip.data.datasets.base import DatasetSplits, Datum
 from promptclip.data.loader import PIXELS_KEY, EpochLoader, build_loader
 from promptclip.engine.distributed import DataParallel, ShardedTrainLoader
-from promptclip.methods.base import PromptModel, get_prompt_model
+from promptclip.methods.base import PromptModel
 from promptclip.methods.promptkd import PromptKD, PromptKDConfig
 
 IMAGE_SIZE = 32
@@ -53,16 +54,7 @@ def make_teacher(tiny_clips, shapes: DatasetSplits) -> Callable[[], PromptModel]
 
     def build() -> PromptModel:
         torch.manual_seed(1)  # the same teacher at every call
-        teacher = get_prompt_model(
-            tiny_clips(clip_arch("teacher"), 1),
-            {"method": "promptsrc", "depth_text": 2, "depth_vision": 2},
-            shapes.classnames,
-        )
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for param in teacher.trainable_parameters().values():
-                param.add_(0.5 * torch.randn(param.shape, generator=generator))
-        return teacher
+        return prompted_teacher(tiny_clips(clip_arch("teacher"), 1), shapes.classnames, 1)
 
     return build
 
