@@ -84,11 +84,17 @@ def test_rank_batches_take_every_nth_batch() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+LAUNCH_TIMEOUT_S = 1200
+# The module fixture launching the two ranks runs inside the first test that uses it: room for the launch.
+pytestmark = pytest.mark.timeout(LAUNCH_TIMEOUT_S + 300)
+
+
 def launch_two_ranks(runs: Path, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1"]
     command += ["--nproc_per_node", "2", __file__, "--worker", str(runs), str(out)]
-    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    # Two processes that import torch, train and evaluate: seconds on an idle machine, minutes on a loaded one.
+    finished = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
 
 
