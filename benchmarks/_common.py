@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: timing, a description of the machine, and BENCHMARKS.md sections.
+"""Shared helpers for the benchmarks: timing, a description of the machine, random pictures, and BENCHMARKS.md
+sections.
 
 Each benchmark owns one section of BENCHMARKS.md, delimited by HTML comments; re-running a benchmark replaces
 only its own section, and the file is rewritten atomically.
@@ -10,10 +11,14 @@ import os
 import platform
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from promptclip.io import atomic_write_text
 
@@ -25,6 +30,18 @@ Speed measurements of promptclip, each written by the script named in its sectio
 that section only). Every section names the machine it was measured on: compare numbers only within one
 machine.
 """
+
+
+class NoisePhotos:
+    """A dataset reader of random RGB pictures of `size` (width, height), the same one for a path every time."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+
+    def load_image(self, datum: Any) -> Image.Image:
+        width, height = self.size
+        rng = np.random.default_rng(zlib.crc32(datum.path.encode()))
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
 
 
 def cpu_model() -> str:

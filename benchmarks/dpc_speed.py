@@ -26,17 +26,14 @@ import contextlib
 import statistics
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_description, write_section
+from _common import NoisePhotos, machine_description, write_section
 from methods import build_clip, class_names
 
 from promptclip.data.datasets.base import DatasetSplits, Datum
@@ -73,18 +70,6 @@ def dpc_pictures_in_main_process(learner: DPC) -> Iterator[None]:
         yield
     finally:
         learner.context.num_workers = previous
-
-
-class NoisePhotos:
-    """A random RGB picture of `size` (width, height) per path."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
-
-    def load_image(self, datum: Datum) -> Image.Image:
-        width, height = self.size
-        rng = np.random.default_rng(zlib.crc32(datum.path.encode()))
-        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -363,8 +363,7 @@ def run(settings: Settings) -> Results:
 def run_compiled(settings: Settings, eager: Any, results: Results, started: float) -> None:
     """Compiled training, bf16 first, while the budget lasts (a compile costs about as much as the first one)."""
     compiled = copy.deepcopy(eager)
-    mode = None if settings.compile_mode == "default" else settings.compile_mode
-    compile_towers_with(compiled, mode, settings.compile_backend)
+    compile_towers(compiled, settings.compile_mode, settings.compile_backend)
     order = sorted(settings.precisions, key=lambda p: {"bf16": 0, "fp16": 1, "fp32": 2}[p])
     costs: list[float] = []
     for precision in order:
@@ -380,10 +379,6 @@ def run_compiled(settings: Settings, eager: Any, results: Results, started: floa
             results.train.append(measure_training(settings, compiled, name, precision, True, False, results.flops))
             costs.append(time.perf_counter() - begin)
         print(f"compiled {precision}", flush=True)
-
-
-def compile_towers_with(clip: Any, mode: str | None, backend: str) -> None:
-    compile_towers(clip, mode or "default", backend)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ import shlex
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +49,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine_description, write_section
+from _common import NoisePhotos, interleaved_medians, machine_description, write_section
 from speed_paths import (
     cocoop_loss_one_image_at_a_time,
     cocoop_one_image_at_a_time,
@@ -67,7 +65,7 @@ from speed_paths import (
 from promptclip.clip.model import CLIP
 from promptclip.clip.weights import arch_config
 from promptclip.data.datasets.base import DatasetSplits, Datum
-from promptclip.engine.compiling import CompiledTowers, mark_step_begin
+from promptclip.engine.compiling import COMPILE_MODES, CompiledTowers, mark_step_begin
 from promptclip.engine.evaluate import autocast_context
 from promptclip.methods.base import PromptModel, get_prompt_model
 from promptclip.plugins.base import PluginContext, wrap_with_plugins
@@ -153,17 +151,6 @@ def build_clip(arch: str, layers: int | None, device: torch.device) -> CLIP:
     return clip
 
 
-class NoisePictures:
-    """Random pictures for DPC's picture library (decoded once, as a few-shot library is)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def load_image(self, datum: Datum) -> Image.Image:
-        rng = np.random.default_rng(zlib.crc32(datum.path.encode()))
-        return Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8), mode="RGB")
-
-
 def build_learner(case: Case, clip: CLIP, names: list[str], extra_cfg: dict[str, Any]) -> PromptModel:
     layers = min(clip.config.text.layers, clip.config.vision.layers)
     cfg = {**case.method_cfg, **(extra_cfg if case.chunks else {})}
@@ -173,7 +160,7 @@ def build_learner(case: Case, clip: CLIP, names: list[str], extra_cfg: dict[str,
     learner = get_prompt_model(clip, {"method": case.method, **cfg}, names)
     if case.plugins:
         pictures = [Datum(f"train/{c}_{i}", c, n) for c, n in enumerate(names) for i in range(2)]
-        splits = DatasetSplits("noise", None, names, "a photo of a {}.", pictures, [], [], reader=NoisePictures(64))
+        splits = DatasetSplits("noise", None, names, "a photo of a {}.", pictures, [], [], reader=NoisePhotos((64, 64)))
         learner = wrap_with_plugins(learner, case.plugins, PluginContext(splits=splits, seed=1))
     return learner.to(next(clip.parameters()).device)
 
@@ -625,9 +612,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="throughput only")
     parser.add_argument("--memory-only", action="store_true", help="peak memory only")
     parser.add_argument("--attention", default="auto", choices=["auto", "math", "flash", "efficient", "cudnn"])
-    parser.add_argument(
-        "--compile", default="off", choices=["off", "default", "reduce-overhead", "max-autotune"], help="promptclip's"
-    )
+    parser.add_argument("--compile", default="off", choices=COMPILE_MODES, help="promptclip's")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
         "--clock", default="wall", choices=list(CLOCKS), help="wall time, or this process's CPU time (loaded machines)"

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_description, write_section
-from gpu import OFFICIAL_BATCH, Trainer
+from gpu import OFFICIAL_BATCH, Trainer, step_flops
 from methods import CASES, build_learner, class_names, make_batch
 
 from promptclip.clip.model import CLIP
@@ -103,15 +103,6 @@ def _inside_aten(event: Any) -> bool:
     return False
 
 
-def flops(trainer: Trainer) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        trainer.step()
-    return float(counter.get_total_flops())
-
-
 def host_ms(trainer: Trainer, repeats: int, warmup: int = 1) -> float:
     """Median CPU milliseconds of a step of the narrow model (its arithmetic is negligible)."""
     for _ in range(warmup):
@@ -127,10 +118,10 @@ def host_ms(trainer: Trainer, repeats: int, warmup: int = 1) -> float:
 def measure(name: str, classes: int, repeats: int, compiled: bool = False) -> dict[str, Any]:
     full = trainer_for(name, backbone(narrow=False), classes)
     result: dict[str, Any] = profile(full)
-    result["gflop"] = flops(full) / 1e9
+    result["gflop"] = step_flops(full) / 1e9
     narrow = trainer_for(name, backbone(narrow=True), classes)
     result["host_ms"] = host_ms(narrow, repeats)
-    result["narrow_gflop"] = flops(narrow) / 1e9
+    result["narrow_gflop"] = step_flops(narrow) / 1e9
     if compiled:
         result["host_ms_compiled"] = compiled_host_ms(name, classes, repeats)
     return result

@@ -23,16 +23,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine_description, write_section
+from _common import NoisePhotos, interleaved_medians, machine_description, write_section
 from speed_paths import promptkd_teacher_every_epoch
 
 from promptclip.clip.model import CLIP, ArchConfig
@@ -66,18 +63,6 @@ def arch(name: str, width: int, layers: int, embed: int) -> ArchConfig:
 def frozen_clip(cfg: ArchConfig, seed: int) -> CLIP:
     torch.manual_seed(seed)
     return CLIP(cfg).requires_grad_(False).eval()
-
-
-class NoisePhotos:
-    """A random RGB picture of `size` (width, height) per path."""
-
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
-
-    def load_image(self, datum: Datum) -> Image.Image:
-        width, height = self.size
-        rng = np.random.default_rng(zlib.crc32(datum.path.encode()))
-        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
 
 
 def training_loader(images: int, classes: int, batch: int) -> EpochLoader:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
+from promptclip.engine.evaluate import clips_in
 from promptclip.engine.learner import Learner
 
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
-COMPILE_MODES: tuple[str, ...] = ("off", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 # `torch.compile`'s backend: inductor (fused kernels) unless a caller asks for another, e.g. "eager" (the
 # capture alone, which tests use to check the wiring without a C++ toolchain).
 DEFAULT_BACKEND = "inductor"
@@ -31,10 +32,7 @@ DEFAULT_BACKEND = "inductor"
 
 def towers(learner: Learner | nn.Module) -> list[nn.Module]:
     """The image tower and the text transformer of every distinct CLIP inside `learner` (or a CLIP itself)."""
-    from promptclip.clip.model import CLIP
-
-    clips = {id(module): module for module in learner.modules() if isinstance(module, CLIP)}
-    return [tower for clip in clips.values() for tower in (clip.visual, clip.transformer)]
+    return [tower for clip in clips_in(learner) for tower in (clip.visual, clip.transformer)]
 
 
 class CompiledTowers:
@@ -58,10 +56,6 @@ class CompiledTowers:
         if chosen == "inductor":
             options["mode"] = None if mode == "default" else mode
         self._compiled = [self._compile(tower, options) for tower in self._towers]
-
-    @property
-    def active(self) -> bool:
-        return bool(self._towers)
 
     def _compile(self, tower: nn.Module, options: dict[str, Any]) -> Callable[..., Any]:
         compiled = torch.compile(tower.forward, **options)  # the class's forward, bound before any is installed

@@ -27,6 +27,8 @@ from promptclip.engine import stop
 from promptclip.engine.learner import Learner
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from promptclip.clip.model import CLIP
     from promptclip.engine.distributed import DataParallel
 
@@ -111,17 +113,21 @@ def store_frozen_towers(learner: Learner, device: torch.device, precision: str) 
     every call; the features are the same, since autocast rounds them to that dtype anyway
     (`CLIP.store_matmul_weights`). A CLIP with trained matmul weights is left as it is. Returns how many
     tensors changed."""
-    from promptclip.clip.model import CLIP
-
     dtype = compute_dtype(device, precision)
     if dtype is None:
         return 0
-    clips = {id(module): module for module in learner.modules() if isinstance(module, CLIP)}
     return sum(
         clip.store_matmul_weights(dtype)
-        for clip in clips.values()
+        for clip in clips_in(learner)
         if not any(p.requires_grad for p in clip.matmul_weights())
     )
+
+
+def clips_in(learner: Learner | nn.Module) -> list[CLIP]:
+    """Every distinct CLIP inside `learner` (its backbone, a teacher), or `learner` itself when it is one."""
+    from promptclip.clip.model import CLIP
+
+    return list({id(module): module for module in learner.modules() if isinstance(module, CLIP)}.values())
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
